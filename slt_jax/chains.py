@@ -1,0 +1,232 @@
+"""Run many sampler chains at once: per-chain keys, vmap over chains, chunked lax.scan.
+
+Chain ``i`` draws every random number from ``fold_in(key, i)`` and step ``t`` of it from
+``fold_in(chain_key, t)``, so its trace depends only on the root key, its index and the
+settings — not on how many chains run beside it, nor on how the run is chunked.
+"""
+
+import math
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from slt_jax.divergence import Divergence
+from slt_jax.posterior import LocalPosterior, full_batch_loss, minibatch
+from slt_jax.samplers.base import KernelFactory
+
+PyTree = Any
+LOSS_ESTIMATORS = ("control_variate", "minibatch", "full_batch")
+
+
+class RunConfig(NamedTuple):
+    """Static settings of a run: changing any of them compiles a new program.
+
+    Attributes:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+      kernel: the sampler's :class:`~slt_jax.samplers.base.KernelFactory`.
+      batch_size: rows per gradient minibatch.
+      steps_per_draw: sampler steps between recorded draws.
+      loss_estimator: what each draw records as its loss (see ``estimate_llc``).
+      eval_batch_size: rows per measurement batch (eval minibatch, or full-batch chunk).
+    """
+
+    loss_fn: Callable
+    kernel: KernelFactory
+    batch_size: int
+    steps_per_draw: int
+    loss_estimator: str
+    eval_batch_size: int
+
+
+class ChainState(NamedTuple):
+    """What each chain carries forward: the kernel's state and where it first diverged (−1)."""
+
+    kernel_state: Any
+    diverged_at: jax.Array
+
+
+class Draws(NamedTuple):
+    """Per-draw records, each with leading axes ``(chains, draws)``.
+
+    Attributes:
+      batch_loss: the loss at w_t on the measurement batch (or the full dataset).
+      center_loss: the loss at w* on the same batch (control variate), else ``None``.
+      distance: ‖w_t − w*‖², to see chains that drift away from w*.
+      info: the kernel's per-step report at the draw.
+    """
+
+    batch_loss: jax.Array
+    center_loss: Any
+    distance: jax.Array
+    info: Any
+
+
+def _sq_distance(position, center):
+    sq = jax.tree.map(lambda w, c: jnp.sum(jnp.square(w - c)), position, center)
+    return sum(jax.tree.leaves(sq))
+
+
+def _step(config, kernel, posterior, divergence, data, chain_key, state, t):
+    """One sampler step of one chain at global step ``t``; also returns the loss and batch."""
+    key_batch, key_step = jax.random.split(jax.random.fold_in(chain_key, t))
+    batch = minibatch(key_batch, data, config.batch_size)
+    loss, grad = jax.value_and_grad(config.loss_fn)(state.kernel_state.position, batch)
+    kernel_state, info = kernel.step(key_step, state.kernel_state, grad)
+    runaway = posterior.nbeta * (loss - divergence.ref_loss) > divergence.threshold
+    bad = ~jnp.isfinite(loss) | runaway
+    diverged_at = jnp.where((state.diverged_at < 0) & bad, t, state.diverged_at)
+    return ChainState(kernel_state, diverged_at), (loss, batch, info)
+
+
+def _measure(config, posterior, key, position, batch, batch_loss, eval_data):
+    """The draw's loss record: (loss at w_t, loss at w* on the same batch, or None)."""
+    if config.loss_estimator == "full_batch":
+        return full_batch_loss(config.loss_fn, position, eval_data, config.eval_batch_size).mean, None
+    if eval_data is not None:
+        batch = minibatch(key, eval_data, config.eval_batch_size)
+        batch_loss = config.loss_fn(position, batch)
+    if config.loss_estimator == "control_variate":
+        return batch_loss, config.loss_fn(posterior.center, batch)
+    return batch_loss, None
+
+
+class ChainInputs(NamedTuple):
+    """The traced inputs every chain shares: one compiled program serves any values of these."""
+
+    step_size: jax.Array
+    posterior: LocalPosterior
+    divergence: Divergence
+    data: PyTree
+    eval_data: PyTree
+
+
+class _Chain(NamedTuple):
+    """Everything one chain's steps close over."""
+
+    config: RunConfig
+    step_size: jax.Array
+    posterior: LocalPosterior
+    divergence: Divergence
+    data: PyTree
+    eval_data: PyTree
+
+    def kernel(self):
+        p = self.posterior
+        return self.config.kernel.build(self.step_size, p.nbeta, p.localization, p.center, p.mask)
+
+    def burn_in(self, chain_key, state, start, total, num_steps):
+        """Steps ``start … start+num_steps−1``; those ≥ ``total`` only pad the last chunk."""
+        kernel = self.kernel()
+        step = partial(_step, self.config, kernel, self.posterior, self.divergence, self.data, chain_key)
+
+        def body(state, t):
+            # The predicate is shared by every chain, so under vmap this stays a real branch.
+            return jax.lax.cond(t < total, lambda s: step(s, t)[0], lambda s: s, state), None
+
+        return jax.lax.scan(body, state, start + jnp.arange(num_steps))[0]
+
+    def draws(self, chain_key, state, num_burnin, first_draw, total_draws, num_draws):
+        """Draws ``first_draw …`` (each ``steps_per_draw`` steps); those ≥ ``total_draws`` pad."""
+        kernel = self.kernel()
+        config, posterior = self.config, self.posterior
+        step = partial(_step, config, kernel, posterior, self.divergence, self.data, chain_key)
+        spd = config.steps_per_draw
+
+        def draw(state, d):
+            t0 = num_burnin + d * spd
+            state = jax.lax.scan(lambda s, t: (step(s, t)[0], None), state, t0 + jnp.arange(spd - 1))[0]
+            t = t0 + spd - 1
+            position = state.kernel_state.position
+            state, (loss, batch, info) = step(state, t)
+            measure_key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
+            batch_loss, center_loss = _measure(config, posterior, measure_key, position, batch, loss,
+                                               self.eval_data)
+            return state, Draws(batch_loss, center_loss, _sq_distance(position, posterior.center), info)
+
+        record = jax.eval_shape(draw, state, first_draw)[1]
+
+        def skip(state, d):
+            return state, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), record)
+
+        def body(state, d):
+            return jax.lax.cond(d < total_draws, draw, skip, state, d)
+
+        return jax.lax.scan(body, state, first_draw + jnp.arange(num_draws))
+
+
+@partial(jax.jit, static_argnames=("config", "num_chains"))
+def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> ChainState:
+    """Every chain starts at w* (the kernel's own initial state around it)."""
+    chain = _Chain(config, *inputs)
+    kernel_state = jax.vmap(lambda _: chain.kernel().init(chain.posterior.center))(jnp.arange(num_chains))
+    return ChainState(kernel_state, jnp.full((num_chains,), -1, jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("config", "num_steps"))
+def _burn_in(config, inputs, num_steps, chain_keys, state, start, total):
+    chain = _Chain(config, *inputs)
+    return jax.vmap(lambda k, s: chain.burn_in(k, s, start, total, num_steps))(chain_keys, state)
+
+
+@partial(jax.jit, static_argnames=("config", "num_draws"))
+def _draws(config, inputs, num_draws, chain_keys, state, num_burnin, first_draw, total_draws):
+    chain = _Chain(config, *inputs)
+    run = lambda k, s: chain.draws(k, s, num_burnin, first_draw, total_draws, num_draws)
+    return jax.vmap(run)(chain_keys, state)
+
+
+def chain_keys(key, num_chains: int):
+    """Chain i's key: ``fold_in(key, i)``, independent of the number of chains."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_chains))
+
+
+def _chunks(total: int, target: int):
+    """Split ``total`` into equal chunks of at most ``target`` (the last one padded)."""
+    if total == 0:
+        return 0, 0
+    count = math.ceil(total / max(1, target))
+    return count, math.ceil(total / count)
+
+
+def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_burnin, num_draws, chunk_size=None,
+               progress=True):
+    """Run ``num_chains`` chains: ``num_burnin`` steps, then ``num_draws`` recorded draws.
+
+    Args:
+      key: root PRNG key; chain i uses ``fold_in(key, i)``.
+      config: the run's static settings.
+      inputs: the traced step size, posterior, divergence rule and data.
+      num_chains, num_burnin, num_draws: chain count, burn-in steps, recorded draws.
+      chunk_size: sampler steps per compiled chunk (progress granularity); default about a
+        twentieth of the run, at least 100 steps.
+      progress: show a progress bar (tqdm; hidden when output is not a terminal).
+
+    Returns:
+      ``(final ChainState, Draws)`` with draws of shape ``(num_chains, num_draws, …)``.
+    """
+    spd = config.steps_per_draw
+    total_steps = num_burnin + num_draws * spd
+    target = chunk_size or max(100, math.ceil(total_steps / 20))
+    keys = chain_keys(key, num_chains)
+    state = init_chains(config, inputs, num_chains)
+    start, total = jnp.int32(0), jnp.int32(num_burnin)
+    records = []
+    with tqdm(total=total_steps, disable=None if progress else True, desc="sampling",
+              unit="step", leave=False) as bar:
+        count, size = _chunks(num_burnin, target)
+        for i in range(count):
+            state = _burn_in(config, inputs, size, keys, state, jnp.int32(i * size), total)
+            jax.block_until_ready(state.diverged_at)
+            bar.update(min(size, num_burnin - i * size))
+        count, size = _chunks(num_draws, max(1, target // spd))
+        for i in range(count):
+            state, record = _draws(config, inputs, size, keys, state, start + num_burnin, jnp.int32(i * size),
+                                   jnp.int32(num_draws))
+            jax.block_until_ready(state.diverged_at)
+            records.append(record)
+            bar.update(min(size, num_draws - i * size) * spd)
+    draws = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1)[:, :num_draws], *records)
+    return state, draws

@@ -1,0 +1,1 @@
+"""Estimators: pure functions of sampled statistics (they never run a sampler)."""

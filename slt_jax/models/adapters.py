@@ -1,0 +1,110 @@
+"""Turn a model into the pure ``(loss_fn, params)`` pair the samplers need, in one call.
+
+``loss_fn(params, batch)`` returns the mean per-sample loss over ``batch``; ``params`` is a
+plain nested dict of arrays (what Orbax saves and restores without surprises).
+"""
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def mse(pred, target):
+    """Per-sample squared error, averaged over the output dimensions."""
+    err = jnp.square(pred - target)
+    return err.reshape(err.shape[0], -1).mean(axis=1)
+
+
+def gaussian_nll(sigma: float = 1.0) -> Callable:
+    """Per-sample Gaussian negative log-likelihood in nats, ``½‖y − f‖²/σ² + (D/2)·log 2πσ²``."""
+
+    def nll(pred, target):
+        err = jnp.square(pred - target).reshape(pred.shape[0], -1)
+        dim = err.shape[1]
+        return 0.5 * err.sum(axis=1) / sigma**2 + 0.5 * dim * math.log(2 * math.pi * sigma**2)
+
+    return nll
+
+
+def cross_entropy(logits, labels):
+    """Per-sample softmax cross-entropy with integer labels, in nats."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+LOSSES = {"mse": mse, "gaussian_nll": gaussian_nll(1.0), "cross_entropy": cross_entropy}
+
+
+def _per_sample(loss) -> Callable:
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {sorted(LOSSES)} (or pass a callable)")
+    return LOSSES[loss]
+
+
+def from_function(apply_fn, params, loss="mse", *, inputs="x", targets="y"):
+    """A plain ``apply_fn(params, x) -> predictions`` and a per-sample loss.
+
+    Args:
+      apply_fn: the model as a pure function.
+      params: its parameters (any pytree of float arrays).
+      loss: ``"mse"``, ``"gaussian_nll"`` (σ = 1, nats), ``"cross_entropy"``, or a callable
+        ``loss(pred, target) -> (batch,)`` of per-sample losses.
+      inputs, targets: where the batch keeps inputs and targets (dict keys or tuple indices).
+
+    Returns:
+      ``(loss_fn, params)``.
+    """
+    per_sample = _per_sample(loss)
+
+    def loss_fn(p, batch):
+        return jnp.mean(per_sample(apply_fn(p, batch[inputs]), batch[targets]))
+
+    return loss_fn, params
+
+
+def from_nnx(module: nnx.Module, loss="mse", *, inputs="x", targets="y"):
+    """A flax nnx module; its ``nnx.Param`` variables are sampled, everything else is fixed.
+
+    The module is switched to evaluation mode (dropout off, batch-norm statistics frozen) so
+    the loss is a pure function of the parameters.
+
+    Returns:
+      ``(loss_fn, params)`` with ``params`` a plain nested dict.
+    """
+    module.eval()
+    graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+    per_sample = _per_sample(loss)
+
+    def loss_fn(p, batch):
+        params = jax.tree.map(lambda x: x, state)  # a fresh copy: the template is never mutated
+        nnx.replace_by_pure_dict(params, p)
+        model = nnx.merge(graphdef, params, rest)
+        return jnp.mean(per_sample(model(batch[inputs]), batch[targets]))
+
+    return loss_fn, nnx.to_pure_dict(state)
+
+
+def from_linen(module, variables, loss="mse", *, inputs="x", targets="y", method=None):
+    """A flax linen module and its variables; the ``"params"`` collection is sampled.
+
+    Other collections (e.g. ``batch_stats``) are held fixed; call ``module.apply`` in
+    inference mode through ``method`` or module attributes if it has a training flag.
+
+    Returns:
+      ``(loss_fn, params)``.
+    """
+    if "params" not in variables:
+        raise ValueError(f"variables has no 'params' collection (found {sorted(variables)})")
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    per_sample = _per_sample(loss)
+
+    def loss_fn(p, batch):
+        pred = module.apply({"params": p, **rest}, batch[inputs], method=method)
+        return jnp.mean(per_sample(pred, batch[targets]))
+
+    return loss_fn, variables["params"]

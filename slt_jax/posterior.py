@@ -1,0 +1,93 @@
+"""The localized tempered posterior p(w | w*, β, γ) ∝ exp(−nβ·L_n(w) − γ/2·‖w − w*‖²).
+
+Lau et al., arXiv:2308.12108 (REFERENCE.md §1). This module holds what the sampler needs to
+know about the posterior — its centre, temperature and localization — and the two data
+operations every estimate rests on: minibatches drawn on device, and the exact full-data loss.
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class LocalPosterior(NamedTuple):
+    """Traced parameters of the localized tempered posterior.
+
+    Attributes:
+      center: w*, where the LLC is measured.
+      nbeta: nβ, the inverse temperature times n (default n / log n).
+      localization: γ, the strength of the Gaussian pull towards w*.
+      mask: optional 0/1 pytree like ``center``: which coordinates are sampled.
+    """
+
+    center: PyTree
+    nbeta: jax.Array
+    localization: jax.Array
+    mask: PyTree = None
+
+
+def default_nbeta(n: int) -> float:
+    """nβ = n / log n, i.e. β* = 1/log n (Watanabe's WBIC temperature, arXiv:1208.6338)."""
+    return n / math.log(n)
+
+
+def num_samples(data) -> int:
+    """The common leading-axis length n of a data pytree."""
+    return jax.tree.leaves(data)[0].shape[0]
+
+
+def minibatch(key, data, batch_size: int):
+    """Draw ``batch_size`` rows uniformly with replacement, on device.
+
+    Sampling with replacement keeps every minibatch loss an unbiased estimate of L_n and costs
+    O(batch) per step, where a permutation would cost O(n).
+    """
+    idx = jax.random.randint(key, (batch_size,), 0, num_samples(data))
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+
+
+def accumulation_dtype():
+    """float32, or float64 when JAX runs with x64 enabled: losses are summed at this precision."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+class FullBatchLoss(NamedTuple):
+    """The exact mean loss over a dataset, and the spread of its batch means.
+
+    Attributes:
+      mean: L_n(w) = (1/n)·Σ_i ℓ_i(w), exact (every row counted once).
+      batch_std: standard deviation of the loss of one batch of the given size around the
+        mean (0 when the dataset is a single batch) — the scale of minibatch noise.
+    """
+
+    mean: jax.Array
+    batch_std: jax.Array
+
+
+def full_batch_loss(loss_fn, params, data, batch_size: int) -> FullBatchLoss:
+    """Evaluate L_n(params) exactly on the whole dataset, ``batch_size`` rows at a time.
+
+    ``loss_fn`` returns the mean loss over its batch, so the full mean is the row-weighted mean
+    of the batch means; a final partial batch is evaluated on its own.
+    """
+    n = num_samples(data)
+    num_full, rest = divmod(n, batch_size)
+    acc = accumulation_dtype()
+    total = jnp.zeros((), acc)
+    batch_std = jnp.zeros((), acc)
+    if num_full:
+        blocks = jax.tree.map(
+            lambda x: x[: num_full * batch_size].reshape(num_full, batch_size, *x.shape[1:]), data
+        )
+        losses = jax.lax.map(lambda b: loss_fn(params, b), blocks).astype(acc)
+        total = total + batch_size * jnp.sum(losses)
+        if num_full > 1:
+            batch_std = jnp.std(losses, ddof=1)
+    if rest:
+        tail = jax.tree.map(lambda x: x[num_full * batch_size :], data)
+        total = total + rest * loss_fn(params, tail).astype(acc)
+    return FullBatchLoss(total / n, batch_std)
