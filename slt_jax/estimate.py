@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slt_jax import divergence as divergence_lib
+from slt_jax import masks
 from slt_jax import validation
 from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
 from slt_jax.estimators.diagnostics import chain_diagnostics
@@ -47,6 +48,7 @@ def estimate_llc(
     sampler="sgld",
     loss_estimator: str = "control_variate",
     eval_data=None,
+    param_mask=None,
     divergence_threshold: float | None = None,
     on_divergence: str = "warn",
     chunk_size: int | None = None,
@@ -81,6 +83,10 @@ def estimate_llc(
         the exact loss on the whole (evaluation) dataset at every draw (costly for large n).
       eval_data: optional dataset on which the loss is measured (data-refined LLC, Wang et
         al. arXiv:2410.02984); gradients, n and nβ stay those of ``data``.
+      param_mask: sample only some parameters, the rest frozen at w* (weight-refined LLC,
+        arXiv:2410.02984): a regular expression over pytree paths such as
+        ``"layers_0/attn/.*"`` or a boolean pytree like ``params`` (see
+        :func:`slt_jax.masks.resolve_mask`).
       divergence_threshold: a chain diverges when ``nβ·(L_B(w_t) − L_n(w*))`` exceeds this
         (or the loss is NaN/inf); default ``10·d + 100 + 20·nβ·std(L_B(w*))``.
       on_divergence: ``"warn"`` (exclude diverged chains and warn) or ``"raise"``.
@@ -113,6 +119,8 @@ def estimate_llc(
     key_data = _key_data(key)
 
     params = jax.tree.map(jnp.asarray, params)
+    mask = masks.resolve_mask(param_mask, params)
+    num_sampled = masks.num_sampled(mask, params)
     data = jax.device_put(data)
     first = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
     validation.check_loss_fn(loss_fn, params, first)
@@ -135,14 +143,14 @@ def estimate_llc(
     if not np.isfinite(init_loss):
         raise ValueError(f"loss_fn is not finite at params (L_n(w*) = {init_loss}): check params and data")
     if divergence_threshold is None:
-        divergence_threshold = divergence_lib.default_threshold(num_params, nbeta, float(reference.batch_std))
+        divergence_threshold = divergence_lib.default_threshold(num_sampled, nbeta, float(reference.batch_std))
     validation.check_positive("divergence_threshold", divergence_threshold)
 
     acc = jax.dtypes.canonicalize_dtype(jnp.float64)
     config = RunConfig(loss_fn, kernel, batch_size, steps_per_draw, loss_estimator, eval_batch_size)
     inputs = ChainInputs(
         step_size=jnp.asarray(step_size, acc),
-        posterior=LocalPosterior(params, jnp.asarray(nbeta, acc), jnp.asarray(localization, acc)),
+        posterior=LocalPosterior(params, jnp.asarray(nbeta, acc), jnp.asarray(localization, acc), mask),
         divergence=divergence_lib.Divergence(reference.mean, jnp.asarray(divergence_threshold, acc)),
         data=data,
         eval_data=measure_data,
@@ -175,7 +183,9 @@ def estimate_llc(
         "num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
         "steps_per_draw": steps_per_draw, "batch_size": batch_size, "sampler": kernel.name,
         "loss_estimator": loss_estimator, "eval_data": eval_data is not None, "n": n,
-        "n_eval": n_eval, "num_params": num_params, "divergence_threshold": divergence_threshold,
+        "n_eval": n_eval, "num_params": num_params, "num_sampled": num_sampled,
+        "param_mask": param_mask if isinstance(param_mask, str) or param_mask is None else "pytree",
+        "divergence_threshold": divergence_threshold,
         "key": key_data, "dtype": str(acc), "jax_version": jax.__version__,
         "devices": [str(d) for d in jax.devices()[:1]],
     }
