@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from slt_jax.divergence import Divergence
@@ -94,7 +95,13 @@ def _measure(config, posterior, key, position, batch, batch_loss, eval_data):
 
 
 class ChainInputs(NamedTuple):
-    """The traced inputs every chain shares: one compiled program serves any values of these."""
+    """The traced inputs of a run: one compiled program serves any values of these.
+
+    ``step_size``, ``posterior.nbeta``, ``posterior.localization`` and
+    ``divergence.threshold`` hold one value per chain (shape ``(chains,)``), so chain groups
+    at different step sizes or temperatures run in one program (calibration sweeps,
+    temperature ladders); use :func:`per_chain` to broadcast scalars.
+    """
 
     step_size: jax.Array
     posterior: LocalPosterior
@@ -117,65 +124,76 @@ class _Chain(NamedTuple):
         p = self.posterior
         return self.config.kernel.build(self.step_size, p.nbeta, p.localization, p.center, p.mask)
 
-    def burn_in(self, chain_key, state, start, total, num_steps):
-        """Steps ``start … start+num_steps−1``; those ≥ ``total`` only pad the last chunk."""
-        kernel = self.kernel()
-        step = partial(_step, self.config, kernel, self.posterior, self.divergence, self.data, chain_key)
+    def advance(self, chain_key, state, start, num_steps, num_burnin, total):
+        """Steps ``start … start+num_steps−1`` of one chain, with a record per step.
 
-        def body(state, t):
-            # The predicate is shared by every chain, so under vmap this stays a real branch.
-            return jax.lax.cond(t < total, lambda s: step(s, t)[0], lambda s: s, state), None
-
-        return jax.lax.scan(body, state, start + jnp.arange(num_steps))[0]
-
-    def draws(self, chain_key, state, num_burnin, first_draw, total_draws, num_draws):
-        """Draws ``first_draw …`` (each ``steps_per_draw`` steps); those ≥ ``total_draws`` pad."""
-        kernel = self.kernel()
+        The record is real at draw steps — the last step of each ``steps_per_draw`` block
+        after ``num_burnin`` — and zeros elsewhere; steps ≥ ``total`` only pad the last chunk.
+        One scan body holds the step and the measurement once, which keeps compilation short.
+        """
         config, posterior = self.config, self.posterior
-        step = partial(_step, config, kernel, posterior, self.divergence, self.data, chain_key)
+        step = partial(_step, config, self.kernel(), posterior, self.divergence, self.data, chain_key)
         spd = config.steps_per_draw
 
-        def draw(state, d):
-            t0 = num_burnin + d * spd
-            state = jax.lax.scan(lambda s, t: (step(s, t)[0], None), state, t0 + jnp.arange(spd - 1))[0]
-            t = t0 + spd - 1
+        def body(state, t):
             position = state.kernel_state.position
-            state, (loss, batch, info) = step(state, t)
-            measure_key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
-            batch_loss, center_loss = _measure(config, posterior, measure_key, position, batch, loss,
-                                               self.eval_data)
-            return state, Draws(batch_loss, center_loss, _sq_distance(position, posterior.center), info)
+            live = lambda s: step(s, t)
+            shapes = jax.eval_shape(live, state)[1]
+            idle = lambda s: (s, _zeros(shapes))
+            # Both predicates depend on t alone, shared by every chain: under vmap they stay
+            # real branches, so padded steps and non-draw steps cost nothing.
+            state, (loss, batch, info) = jax.lax.cond(t < total, live, idle, state)
 
-        record = jax.eval_shape(draw, state, first_draw)[1]
+            def measure(_):
+                key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
+                batch_loss, center_loss = _measure(config, posterior, key, position, batch, loss,
+                                                   self.eval_data)
+                return Draws(batch_loss, center_loss, _sq_distance(position, posterior.center), info)
 
-        def skip(state, d):
-            return state, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), record)
+            record_shapes = jax.eval_shape(measure, None)
+            is_draw = (t < total) & (t >= num_burnin) & ((t - num_burnin) % spd == spd - 1)
+            record = jax.lax.cond(is_draw, measure, lambda _: _zeros(record_shapes), None)
+            return state, record
 
-        def body(state, d):
-            return jax.lax.cond(d < total_draws, draw, skip, state, d)
+        return jax.lax.scan(body, state, start + jnp.arange(num_steps))
 
-        return jax.lax.scan(body, state, first_draw + jnp.arange(num_draws))
+
+def _zeros(shapes):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+
+_CHAIN_AXES = ChainInputs(
+    step_size=0,
+    posterior=LocalPosterior(center=None, nbeta=0, localization=0, mask=None),
+    divergence=Divergence(ref_loss=None, threshold=0),
+    data=None,
+    eval_data=None,
+)
+
+
+def per_chain(inputs: ChainInputs, num_chains: int) -> ChainInputs:
+    """Broadcast scalar step size, nβ, γ and divergence threshold to one value per chain."""
+    b = lambda x: jnp.broadcast_to(jnp.asarray(x), (num_chains,))
+    p, d = inputs.posterior, inputs.divergence
+    return inputs._replace(
+        step_size=b(inputs.step_size),
+        posterior=p._replace(nbeta=b(p.nbeta), localization=b(p.localization)),
+        divergence=d._replace(threshold=b(d.threshold)),
+    )
 
 
 @partial(jax.jit, static_argnames=("config", "num_chains"))
 def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> ChainState:
     """Every chain starts at w* (the kernel's own initial state around it)."""
-    chain = _Chain(config, *inputs)
-    kernel_state = jax.vmap(lambda _: chain.kernel().init(chain.posterior.center))(jnp.arange(num_chains))
+    init = lambda inp: _Chain(config, *inp).kernel().init(inp.posterior.center)
+    kernel_state = jax.vmap(init, in_axes=(_CHAIN_AXES,))(inputs)
     return ChainState(kernel_state, jnp.full((num_chains,), -1, jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("config", "num_steps"))
-def _burn_in(config, inputs, num_steps, chain_keys, state, start, total):
-    chain = _Chain(config, *inputs)
-    return jax.vmap(lambda k, s: chain.burn_in(k, s, start, total, num_steps))(chain_keys, state)
-
-
-@partial(jax.jit, static_argnames=("config", "num_draws"))
-def _draws(config, inputs, num_draws, chain_keys, state, num_burnin, first_draw, total_draws):
-    chain = _Chain(config, *inputs)
-    run = lambda k, s: chain.draws(k, s, num_burnin, first_draw, total_draws, num_draws)
-    return jax.vmap(run)(chain_keys, state)
+def _advance(config, inputs, num_steps, chain_keys, state, start, num_burnin, total):
+    run = lambda inp, k, s: _Chain(config, *inp).advance(k, s, start, num_steps, num_burnin, total)
+    return jax.vmap(run, in_axes=(_CHAIN_AXES, 0, 0))(inputs, chain_keys, state)
 
 
 def chain_keys(key, num_chains: int):
@@ -198,7 +216,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     Args:
       key: root PRNG key; chain i uses ``fold_in(key, i)``.
       config: the run's static settings.
-      inputs: the traced step size, posterior, divergence rule and data.
+      inputs: the traced step size, posterior, divergence rule and data; scalars are
+        broadcast to one value per chain.
       num_chains, num_burnin, num_draws: chain count, burn-in steps, recorded draws.
       chunk_size: sampler steps per compiled chunk (progress granularity); default about a
         twentieth of the run, at least 100 steps.
@@ -209,24 +228,20 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     """
     spd = config.steps_per_draw
     total_steps = num_burnin + num_draws * spd
-    target = chunk_size or max(100, math.ceil(total_steps / 20))
     keys = chain_keys(key, num_chains)
+    inputs = per_chain(inputs, num_chains)
     state = init_chains(config, inputs, num_chains)
-    start, total = jnp.int32(0), jnp.int32(num_burnin)
+    count, size = _chunks(total_steps, chunk_size or max(100, math.ceil(total_steps / 20)))
+    draw_steps = num_burnin + spd - 1 + spd * np.arange(num_draws)
     records = []
     with tqdm(total=total_steps, disable=None if progress else True, desc="sampling",
               unit="step", leave=False) as bar:
-        count, size = _chunks(num_burnin, target)
         for i in range(count):
-            state = _burn_in(config, inputs, size, keys, state, jnp.int32(i * size), total)
-            jax.block_until_ready(state.diverged_at)
-            bar.update(min(size, num_burnin - i * size))
-        count, size = _chunks(num_draws, max(1, target // spd))
-        for i in range(count):
-            state, record = _draws(config, inputs, size, keys, state, start + num_burnin, jnp.int32(i * size),
-                                   jnp.int32(num_draws))
-            jax.block_until_ready(state.diverged_at)
-            records.append(record)
-            bar.update(min(size, num_draws - i * size) * spd)
-    draws = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1)[:, :num_draws], *records)
+            state, record = _advance(config, inputs, size, keys, state, jnp.int32(i * size),
+                                     jnp.int32(num_burnin), jnp.int32(total_steps))
+            # Keep only this chunk's draw steps, on the host: device memory stays one chunk.
+            local = draw_steps[(draw_steps >= i * size) & (draw_steps < (i + 1) * size)] - i * size
+            records.append(jax.tree.map(lambda x: np.asarray(x)[:, local], record))
+            bar.update(min(size, total_steps - i * size))
+    draws = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *records)
     return state, draws
