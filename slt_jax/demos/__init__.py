@@ -1,0 +1,1 @@
+"""Embedded examples behind ``slt-jax demo``: each builds its own data, runs, and reports."""

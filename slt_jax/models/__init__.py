@@ -1,0 +1,11 @@
+"""Model adapters and reference models (deep linear networks, toy singular potentials)."""
+
+from slt_jax.models.adapters import cross_entropy, from_function, from_linen, from_nnx, gaussian_nll, mse
+from slt_jax.models.dln import DLNArchitecture, dln_data, dln_forward, dln_loss, dln_teacher, random_dln
+from slt_jax.models.toys import TOY_NAMES, ToyModel, ToyPotential, toy_model, toy_potential
+
+__all__ = [
+    "DLNArchitecture", "TOY_NAMES", "ToyModel", "ToyPotential", "cross_entropy", "dln_data",
+    "dln_forward", "dln_loss", "dln_teacher", "from_function", "from_linen", "from_nnx",
+    "gaussian_nll", "mse", "random_dln", "toy_model", "toy_potential",
+]
