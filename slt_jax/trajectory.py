@@ -1,0 +1,471 @@
+"""LLC and free-energy curves over a training run saved as Orbax checkpoints.
+
+``llc_trajectory`` estimates λ̂ (Lau et al., arXiv:2308.12108) at every checkpoint of a
+``CheckpointManager`` directory with one compiled sampler program, keyed by the checkpoint's
+step so that an interrupted run resumes with identical numbers, and returns an
+:class:`LLCCurve`: one row per step, with stage detection (arXiv:2402.02364), early-warning
+indicators and plots on top.
+
+Saddles (REFERENCE.md §3). Training plateaus sit near saddles, where the localized posterior
+is proper only if γ exceeds nβ·|most negative Hessian eigenvalue|; otherwise chains slide
+downhill and their λ̂ measures the slide, not the point. Two guards:
+
+- The default localization is ``γ = nβ/10``. For the quadratic part of the loss the finite-γ
+  estimand ½·Σ nβh/(nβh + γ) depends on γ only through γ/nβ, so tying γ to nβ keeps λ̂
+  independent of the temperature scale; at γ/nβ = 1/10 the localizer shifts the
+  contribution of a direction of curvature h ≥ 1 by under 10 %, and holds chains at saddles
+  whose negative curvature is below 1/10 (the ratio Hoogland et al., arXiv:2402.02364, used:
+  nβ = 60, γ = 6). Pass ``localization`` to choose another.
+- Chains that slide away anyway are detected (:func:`escaped_chains`), left out of the
+  step's λ̂ like diverged chains, counted in the row, and the row is flagged; stage detection
+  and plots use the unflagged rows.
+"""
+
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from tqdm.auto import tqdm
+
+from slt_jax import validation
+from slt_jax.checkpoints import CheckpointTrajectory, list_steps
+from slt_jax.early_warning import EarlyWarning, early_warning
+from slt_jax.estimate import estimate_llc
+from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
+from slt_jax.estimators.llc import llc_statistics
+from slt_jax.plots import plot_early_warning, plot_llc_curve
+from slt_jax.posterior import default_nbeta
+from slt_jax.results_store import ResultsStore
+from slt_jax.samplers import get_kernel
+from slt_jax.stages import Stages, detect_stages
+
+DEFAULT_LOCALIZATION_PER_NBETA = 0.1
+ESCAPE_LLC = 10.0
+ESCAPE_DISTANCE_FACTOR = 2.0
+_SAMPLER_SETTINGS = (
+    "num_chains", "num_draws", "num_burnin", "steps_per_draw", "batch_size", "sampler",
+    "loss_estimator", "eval_data", "param_mask", "divergence_threshold", "on_divergence",
+    "chunk_size",
+)
+COLUMNS = (
+    "step", "llc_mean", "llc_std", "llc_se", "init_loss", "free_energy_approx", "nbeta",
+    "localization", "n", "num_chains", "diverged_chains", "escaped_chains", "flagged", "ess",
+    "rhat",
+)
+
+
+def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localization: float):
+    """Which chains slid away from w* instead of sampling around it.
+
+    A chain has escaped when either
+
+    - its λ̂ is below ``−ESCAPE_LLC`` (−10): at a local minimum every exact draw of
+      ``nβ·(L(w_t) − L(w*))`` is ≥ 0, so a chain averaging 10 nats below w*'s tempered loss
+      found a way down (minibatch noise in the control-variate draws averages out far below
+      that); or
+    - its mean ``‖w_t − w*‖²`` over the second half of its draws exceeds
+      ``2·num_sampled/γ``. The localizer alone gives ``E‖w − w*‖² = num_sampled/γ``, and a
+      loss that does not decrease along any ray from w* only shrinks it (the radial weight
+      ``exp(−nβ·ΔL)`` is non-increasing, and the Gaussian radius is independent of the
+      direction), so a chain twice as far out was pulled by lower loss.
+
+    Args:
+      llc_per_chain: λ̂ of each chain, shape ``(chains,)``.
+      distance_trace: ``‖w_t − w*‖²`` per draw, shape ``(chains, draws)``.
+      num_sampled: number of sampled parameters (those the mask leaves free).
+      localization: γ; with γ = 0 only the λ̂ rule applies.
+
+    Returns:
+      Boolean array, shape ``(chains,)``.
+    """
+    llc_per_chain = np.asarray(llc_per_chain, np.float64)
+    distance = np.asarray(distance_trace, np.float64)
+    if distance.ndim != 2 or distance.shape[0] != llc_per_chain.shape[0]:
+        raise ValueError(
+            f"distance_trace must have shape (chains, draws) = ({llc_per_chain.shape[0]}, …), "
+            f"got {distance.shape}"
+        )
+    slid = llc_per_chain < -ESCAPE_LLC
+    if localization > 0:
+        late = distance[:, distance.shape[1] // 2:].mean(axis=1)
+        slid |= late > ESCAPE_DISTANCE_FACTOR * num_sampled / localization
+    return slid
+
+
+@dataclasses.dataclass(frozen=True)
+class LLCCurve:
+    """λ̂ at each checkpoint of a training run, with the settings that produced it.
+
+    Attributes:
+      rows: one dict per checkpoint step, sorted by step, with the keys in ``COLUMNS``:
+        ``llc_mean``/``llc_std``/``llc_se`` (over chains that neither diverged nor escaped),
+        ``init_loss`` (L_n(w*)), ``free_energy_approx`` (``n·L_n(w*) + λ̂·log n``, Watanabe's
+        asymptotic free energy without the O(log log n) term; meaningful when the loss is
+        the per-sample negative log-likelihood in nats), ``nbeta``, ``localization``, ``n``,
+        ``num_chains``, ``diverged_chains`` and ``escaped_chains`` (counts), ``flagged``
+        (any chain diverged or escaped), ``ess`` and ``rhat`` of the λ̂ trace.
+      settings: every setting shared by the rows (JSON-ready).
+    """
+
+    rows: tuple
+    settings: dict
+
+    def column(self, name: str) -> np.ndarray:
+        """One column as a float array (NaN where a value is missing)."""
+        if name not in COLUMNS:
+            raise ValueError(f"column {name!r} is not one of {COLUMNS}")
+        return np.array([np.nan if row.get(name) is None else row[name] for row in self.rows],
+                        dtype=np.float64)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Checkpoint steps, shape ``(rows,)``."""
+        return np.array([row["step"] for row in self.rows], dtype=np.int64)
+
+    @property
+    def healthy(self) -> np.ndarray:
+        """Rows to trust: not flagged, with a finite λ̂ and standard error."""
+        flagged = np.array([bool(row["flagged"]) for row in self.rows], dtype=bool)
+        finite = np.isfinite(self.column("llc_mean")) & np.isfinite(self.column("llc_se"))
+        return finite & ~flagged
+
+    def stages(self, *, smoothing: float = 0.1, alpha: float = 0.05) -> Stages:
+        """Stage boundaries of the λ̂ curve over the healthy rows (arXiv:2402.02364).
+
+        Args:
+          smoothing: Gaussian kernel width in decades of log10(step + 1).
+          alpha: false-boundary probability of a trendless curve
+            (see :func:`slt_jax.stages.detect_stages`).
+
+        Returns:
+          A :class:`~slt_jax.stages.Stages` over the healthy rows.
+        """
+        keep = self.healthy
+        if keep.sum() < 3:
+            raise ValueError(f"stage detection needs at least 3 healthy rows, got {int(keep.sum())}")
+        return detect_stages(self.steps[keep], self.column("llc_mean")[keep],
+                             self.column("llc_se")[keep], smoothing=smoothing, alpha=alpha)
+
+    def early_warning(self, name: str = "llc_mean", *, seed=0, **kwargs) -> EarlyWarning:
+        """Early-warning indicators of one column over the healthy rows, one sample per row.
+
+        Args:
+          name: the column (e.g. ``"llc_mean"`` or ``"init_loss"``).
+          seed: seed of the surrogate series.
+          **kwargs: passed to :func:`slt_jax.early_warning.early_warning`.
+
+        Returns:
+          An :class:`~slt_jax.early_warning.EarlyWarning`.
+        """
+        return early_warning(self.column(name)[self.healthy], seed=seed, **kwargs)
+
+    def plot(self, path=None, *, stages: Stages | None = None, loss=None, events=(),
+             title: str | None = None):
+        """Loss and λ̂ (± 2 s.e.) over steps, stage boundaries, flagged steps marked with ×.
+
+        Args:
+          path: optional PNG path.
+          stages: boundaries to draw (e.g. :meth:`stages`).
+          loss: the loss to draw above λ̂, one value per row; default ``init_loss``.
+          events: steps to mark on the loss panel (e.g. known loss drops), dotted green.
+          title: optional figure title.
+
+        Returns:
+          The matplotlib ``Figure``.
+        """
+        keep = self.healthy
+        if not keep.any():
+            raise ValueError("no healthy rows to plot: every step is flagged")
+        loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
+        if loss.shape != (len(self.rows),):
+            raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
+        fig = plot_llc_curve(
+            self.steps[keep], self.column("llc_mean")[keep], self.column("llc_se")[keep],
+            loss=loss[keep], boundaries=None if stages is None else stages.boundaries, title=title,
+        )
+        if not keep.all():
+            # The loss is valid at every step, flagged or not: draw all of it.
+            loss_ax, llc_ax = fig.axes
+            loss_ax.lines[0].set_data(self.steps, loss)
+            loss_ax.relim()
+            loss_ax.autoscale_view()
+            llc_ax.plot(self.steps[~keep], np.full(int((~keep).sum()), llc_ax.get_ylim()[0]), "x",
+                        color="C3", clip_on=False, label="flagged: chains escaped or diverged")
+            llc_ax.legend(loc="best", fontsize="small")
+        for event in events:
+            fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
+        if path is not None:
+            fig.savefig(os.fspath(path), format="png", dpi=120)
+        return fig
+
+    def write(self, out_dir, *, stages: Stages | None = None, loss=None, events=(), seed=0,
+              title: str | None = None) -> dict:
+        """Write ``llc_curve.csv``, ``llc_curve.json`` (with the stages), ``llc_curve.png``
+        and, with at least 6 healthy rows, ``early_warning.png`` (indicators of λ̂).
+
+        Args:
+          out_dir: output directory (created if missing).
+          stages: stage boundaries to record and draw.
+          loss, events, title: passed to :meth:`plot`.
+          seed: seed of the early-warning surrogates.
+
+        Returns:
+          The written paths by kind (``csv``, ``json``, ``plot``, ``early_warning``).
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": out / "llc_curve.csv", "json": out / "llc_curve.json"}
+        self.to_csv(paths["csv"])
+        document = self.to_dict()
+        if stages is not None:
+            document["stages"] = _json_ready({
+                "boundaries": stages.boundaries.tolist(), "plateaus": stages.plateaus.tolist(),
+                "smoothing": stages.smoothing, "threshold": stages.threshold})
+        paths["json"].write_text(json.dumps(document, indent=1), encoding="utf-8")
+        keep = self.healthy
+        if keep.any():
+            paths["plot"] = out / "llc_curve.png"
+            self.plot(paths["plot"], stages=stages, loss=loss, events=events, title=title)
+        if keep.sum() >= 6:
+            paths["early_warning"] = out / "early_warning.png"
+            plot_early_warning(self.steps[keep], self.column("llc_mean")[keep],
+                               self.early_warning(seed=seed), log_steps=True,
+                               path=paths["early_warning"])
+        return paths
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict ``{"settings", "rows"}`` (non-finite numbers as None)."""
+        return _json_ready({"settings": self.settings, "rows": list(self.rows)})
+
+    def to_json(self, path=None) -> str:
+        """Serialise with :meth:`to_dict`; also write to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(text)
+        return text
+
+    def to_csv(self, path) -> None:
+        """Write the rows as CSV with the columns in ``COLUMNS`` (empty cell for NaN)."""
+        with open(path, "w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in _json_ready(list(self.rows)):
+                writer.writerow({key: "" if row.get(key) is None else row[key] for key in COLUMNS})
+
+    def __str__(self) -> str:
+        lines = [f"{'step':>8} {'λ̂':>9} {'± se':>7} {'L_n(w*)':>11} {'flag':>5}"]
+        for row in self.rows:
+            mark = "×" if row["flagged"] else ""
+            lines.append(f"{row['step']:>8d} {row['llc_mean']:>9.3f} {row['llc_se']:>7.3f} "
+                         f"{row['init_loss']:>11.5g} {mark:>5}")
+        return "\n".join(lines)
+
+
+def _json_ready(value):
+    """Plain JSON values: non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _key_data(key) -> list:
+    """The key's raw bits (new-style typed keys and legacy uint32 keys alike)."""
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(key)).tolist()
+    if isinstance(key, jax.Array) and key.dtype == np.uint32:
+        return np.asarray(key).tolist()
+    raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
+
+
+def _infer_template(directory, step: int, item: str | None, select):
+    """The parameter shapes of one checkpoint, from its metadata (nothing is restored)."""
+    paths = {ocp.utils.step_from_checkpoint_name(p.name): p
+             for p in ocp.utils.checkpoint_steps_paths(epath.Path(directory))}
+    item_path = paths[step] / ("default" if item is None else item)
+    if not item_path.is_dir():
+        items = sorted(p.name for p in paths[step].iterdir() if p.is_dir())
+        raise ValueError(f"step {step}: {str(paths[step])!r} has no item "
+                         f"{'default' if item is None else item!r} (items: {items}); pass item=<name>")
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        metadata = checkpointer.handler.metadata(item_path).tree
+    finally:
+        checkpointer.close()
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+    return abstract if select is None else jax.eval_shape(select, abstract)
+
+
+def _row(step: int, result, localization: float) -> dict:
+    """One curve row from an estimate: λ̂ over the chains that neither diverged nor escaped."""
+    escaped = escaped_chains(result.llc_per_chain, result.distance_trace,
+                             num_sampled=result.settings["num_sampled"], localization=localization)
+    diverged = np.zeros(escaped.shape, bool)
+    diverged[result.diverged_chains] = True
+    held = ~diverged & ~escaped & np.all(np.isfinite(result.llc_trace), axis=1)
+    stats = llc_statistics(result.llc_trace, held)
+    llc_se, ess, rhat = stats.llc_se, math.nan, math.nan
+    if held.any() and result.llc_trace.shape[1] >= 4:
+        diagnostics = chain_diagnostics(result.llc_trace[held])
+        ess, rhat = diagnostics.ess, diagnostics.rhat
+        if held.sum() == 1:
+            llc_se = mcse_mean(result.llc_trace[held])
+    return {
+        "step": int(step), "llc_mean": stats.llc_mean, "llc_std": stats.llc_std, "llc_se": llc_se,
+        "init_loss": result.init_loss,
+        "free_energy_approx": result.n * result.init_loss + stats.llc_mean * math.log(result.n),
+        "nbeta": result.nbeta, "localization": float(localization), "n": result.n,
+        "num_chains": int(escaped.size), "diverged_chains": int(diverged.sum()),
+        "escaped_chains": int((escaped & ~diverged).sum()),
+        "flagged": bool((diverged | escaped).any()), "ess": ess, "rhat": rhat,
+    }
+
+
+def _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_settings):
+    """Everything that determines the rows, as JSON (what a resumed run must match).
+
+    Sampler settings not given take ``estimate_llc``'s defaults, so passing a default
+    explicitly on a rerun is no change.
+    """
+    defaults = inspect.signature(estimate_llc).parameters
+    settings = {
+        "checkpoint_dir": os.path.abspath(os.fspath(checkpoint_dir)), "item": item,
+        "select": None if select is None else getattr(select, "__qualname__", repr(select)),
+        "key": _key_data(key), "n": n, "step_size": step_size, "nbeta": nbeta,
+        "localization": localization,
+    }
+    for name in _SAMPLER_SETTINGS:
+        value = sampler_settings.get(name, defaults[name].default)
+        if name == "sampler":
+            value = get_kernel(value).name
+        elif name == "eval_data":
+            value = None if value is None else validation.check_data(value, "eval_data")
+        elif name == "param_mask" and value is not None and not isinstance(value, str):
+            value = "pytree"
+        settings[name] = value
+    return settings
+
+
+def llc_trajectory(
+    checkpoint_dir,
+    loss_fn: Callable,
+    data,
+    key,
+    *,
+    step_size: float,
+    localization: float | None = None,
+    nbeta: float | None = None,
+    item: str | None = None,
+    select: Callable[[Any], Any] | None = None,
+    steps: Sequence[int] | None = None,
+    template=None,
+    results_path=None,
+    on_row: Callable[[dict], None] | None = None,
+    prefetch: bool = True,
+    progress: bool = True,
+    **sampler_settings,
+) -> LLCCurve:
+    """Estimate λ̂ at every checkpoint of an Orbax training run.
+
+    Checkpoints are restored one at a time (the next one prefetched while the current one
+    samples) and each is sampled by :func:`slt_jax.estimate_llc` with the same settings, so
+    one compiled program serves every step. Step ``s`` uses the key ``fold_in(key, s)``: a
+    step's numbers do not depend on which other steps run, or in which session.
+
+    Args:
+      checkpoint_dir: the directory given to ``orbax.checkpoint.CheckpointManager``.
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean per-sample loss.
+      data: the dataset (pytree of arrays with a leading sample axis), e.g. the training set.
+      key: a JAX PRNG key.
+      step_size: SGLD step size ε.
+      localization: γ; default ``nβ/10`` (see the module docstring: it holds chains at
+        saddles whose negative curvature is below 1/10 and keeps λ̂ independent of the
+        temperature scale).
+      nbeta: nβ; default ``n / log n``.
+      item: the item holding the parameters in a composite checkpoint (e.g. ``"params"``).
+      select: picks the parameters out of a restored training state,
+        e.g. ``lambda state: state["params"]``.
+      steps: the steps to estimate; default every finished checkpoint.
+      template: the parameter pytree the model expects (arrays or ``ShapeDtypeStruct``);
+        default the shapes stored in the first checkpoint.
+      results_path: a directory where each finished step is written at once (atomically);
+        a rerun with the same path skips finished steps, and refuses to continue if any
+        setting differs (see :class:`slt_jax.results_store.ResultsStore`).
+      on_row: called with each newly computed row, after it is stored.
+      prefetch: restore the next checkpoint while the current one samples.
+      progress: show a progress bar over checkpoints.
+      **sampler_settings: passed to :func:`slt_jax.estimate_llc`: ``num_chains``,
+        ``num_draws``, ``num_burnin``, ``steps_per_draw``, ``batch_size``, ``sampler``,
+        ``loss_estimator``, ``eval_data``, ``param_mask``, ``divergence_threshold``,
+        ``on_divergence``, ``chunk_size``.
+
+    Returns:
+      An :class:`LLCCurve` with one row per requested step.
+    """
+    unknown = sorted(set(sampler_settings) - set(_SAMPLER_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown sampler settings {unknown}; expected some of {_SAMPLER_SETTINGS}")
+    n = validation.check_data(data)
+    validation.check_positive("step_size", step_size)
+    nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
+    validation.check_positive("nbeta", nbeta)
+    localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
+    validation.check_positive("localization", localization, allow_zero=True)
+    available = list_steps(checkpoint_dir)
+    wanted = available if steps is None else sorted({int(s) for s in steps})
+    absent = [s for s in wanted if s not in available]
+    if absent:
+        raise ValueError(f"steps {absent} are not finished checkpoints in {os.fspath(checkpoint_dir)!r}")
+    if not wanted:
+        raise ValueError("steps is empty")
+    settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select,
+                         sampler_settings)
+    store = None if results_path is None else ResultsStore(results_path, settings)
+    done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
+    todo = [s for s in wanted if s not in done]
+
+    rows = dict(done)
+    if todo:
+        if template is None:
+            template = _infer_template(checkpoint_dir, todo[0], item, select)
+        trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item,
+                                          select=select, steps=todo, prefetch=prefetch)
+        data = jax.device_put(data)
+        with tqdm(total=len(wanted), initial=len(done), disable=None if progress else True,
+                  desc="checkpoints", unit="ckpt") as bar:
+            for step, params in trajectory:
+                result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step),
+                                      step_size=step_size, localization=localization, nbeta=nbeta,
+                                      progress=False, **sampler_settings)
+                row = _row(step, result, localization)
+                if store is not None:
+                    store.write(step, row)
+                rows[step] = row
+                if on_row is not None:
+                    on_row(row)
+                bar.set_postfix_str(f"step {step}: λ̂ = {row['llc_mean']:.3g}")
+                bar.update(1)
+    ordered = tuple(_from_store(rows[s]) for s in wanted)
+    return LLCCurve(rows=ordered, settings=settings)
+
+
+def _from_store(row: Mapping) -> dict:
+    """A row with its columns in ``COLUMNS`` order (stored rows carry the same keys)."""
+    missing = [name for name in COLUMNS if name not in row]
+    if missing:
+        raise ValueError(f"stored row for step {row.get('step')} lacks columns {missing}")
+    return {name: row[name] for name in COLUMNS}
