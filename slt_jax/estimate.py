@@ -4,17 +4,21 @@ Lau et al., arXiv:2308.12108 (REFERENCE.md §1). The flow is model → local pos
 sampler kernel → chain runner → statistics; this function wires it and records the settings.
 """
 
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from slt_jax import divergence as divergence_lib
-from slt_jax import masks
-from slt_jax import validation
+from slt_jax import masks, nuts
+from slt_jax import sharding, validation
+from slt_jax.calibration import CALIBRATION_STREAM, Calibration, calibrate
 from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
+from slt_jax.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
 from slt_jax.results import LLCResult
 from slt_jax.samplers import get_kernel
@@ -31,13 +35,55 @@ def _key_data(key):
     raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _PrecisionLoss:
+    """``loss_fn`` evaluated at ``compute_dtype``, its value returned at ``dtype``.
+
+    With a ``compute_dtype`` (e.g. bfloat16) the parameters and the floating leaves of the
+    batch are cast to it before the model runs; the gradient flows back through the cast, so
+    positions and gradients stay at ``dtype``. Frozen, so equal wrappers hash alike and a
+    second estimate reuses the compiled program.
+    """
+
+    loss_fn: Callable
+    compute_dtype: Any
+    dtype: Any
+
+    def __call__(self, params, batch):
+        if self.compute_dtype is not None:
+            cast = lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+            params, batch = jax.tree.map(cast, (params, batch))
+        return self.loss_fn(params, batch).astype(self.dtype)
+
+
+def _check_dtypes(dtype, compute_dtype):
+    """The validated ``(dtype, compute_dtype)`` as numpy dtypes (``compute_dtype`` may be None)."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype={dtype!r} is not a dtype: use jnp.float32 or jnp.float64") from e
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype={dtype} must be float32 or float64 (positions and losses accumulate in it)")
+    if dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+        raise ValueError("dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
+                         "at startup, or run estimate_llc inside `with jax.enable_x64(True):`")
+    if compute_dtype is not None:
+        try:
+            compute_dtype = jnp.dtype(compute_dtype)
+        except TypeError as e:
+            raise ValueError(f"compute_dtype={compute_dtype!r} is not a dtype") from e
+        if not jnp.issubdtype(compute_dtype, jnp.floating):
+            raise ValueError(f"compute_dtype={compute_dtype} must be a floating dtype such as jnp.bfloat16")
+    return dtype, compute_dtype
+
+
 def estimate_llc(
     loss_fn,
     params,
     data,
     key,
     *,
-    step_size: float,
+    step_size: float | str | Calibration,
     localization: float,
     nbeta: float | None = None,
     num_chains: int = 8,
@@ -53,6 +99,11 @@ def estimate_llc(
     on_divergence: str = "warn",
     chunk_size: int | None = None,
     progress: bool = True,
+    mala: bool = False,
+    mesh=None,
+    devices=None,
+    dtype=jnp.float32,
+    compute_dtype=None,
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂(w*) at ``params``.
 
@@ -66,7 +117,12 @@ def estimate_llc(
       params: the point w* (a pytree of float arrays).
       data: a pytree of arrays sharing a leading axis of length n (the gradient data).
       key: a JAX PRNG key; chain i uses ``fold_in(key, i)``.
-      step_size: ε, the SGLD step size (noise variance per step).
+      step_size: ε, the SGLD step size (noise variance per step); ``"auto"`` to choose it
+        with :func:`slt_jax.calibrate` first (default sweep; key ``fold_in(key, 2**31 − 1)``),
+        or a :class:`~slt_jax.calibration.Calibration` to use its choice. Either way
+        ``num_burnin`` and ``num_draws`` are raised, if needed, to the simulated time over
+        which the sweep validated the step size, and ``settings["calibration"]`` records the
+        sweep, the choice and why.
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
       num_chains: independent chains (vectorised with vmap).
@@ -76,7 +132,11 @@ def estimate_llc(
         ``num_burnin + num_draws × steps_per_draw`` steps.
       batch_size: minibatch rows per gradient step (drawn uniformly with replacement on
         device); default ``min(256, n)``.
-      sampler: ``"sgld"`` or a :class:`~slt_jax.samplers.KernelFactory`.
+      sampler: ``"sgld"``, ``"rmsprop_sgld"``, ``"sgnht"``, a
+        :class:`~slt_jax.samplers.KernelFactory`, or ``"nuts"``: the exact full-batch
+        gold standard for small models (:func:`slt_jax.nuts.estimate_llc_nuts`; there
+        ``step_size`` is NUTS's initial step, ``num_burnin`` its warm-up, and
+        ``loss_estimator``, ``divergence_threshold``, ``chunk_size`` and ``mala`` do not apply).
       loss_estimator: what each draw records: ``"control_variate"`` (default)
         ``nβ·(L_B(w_t) − L_B(w*))`` on the same batch, one extra forward pass per draw and
         much less variance; ``"minibatch"`` ``nβ·(L_B(w_t) − L_n(w*))``, free; ``"full_batch"``
@@ -92,13 +152,37 @@ def estimate_llc(
       on_divergence: ``"warn"`` (exclude diverged chains and warn) or ``"raise"``.
       chunk_size: steps per compiled chunk (progress granularity).
       progress: show a progress bar.
+      mala: also run a Metropolis check of SGLD proposals at ``step_size`` on the full-batch
+        potential from the chains' final points (:func:`slt_jax.mala.mala_acceptance`;
+        ``sampler="sgld"`` only, small models); the mean acceptance rate lands in
+        ``sampler_stats["mala_acceptance"]``.
+      mesh: a ``jax.sharding.Mesh`` with a ``"chains"`` axis (chains split over it) and
+        optionally a ``"data"`` axis (dataset rows split over it; ``n`` and ``batch_size``
+        must divide over it); see :mod:`slt_jax.sharding`. Exclusive with ``devices``.
+      devices: a device count or a list of devices to split the chains over; default the
+        first device. The same key gives the same chains on any number of devices.
+      dtype: ``jnp.float32`` (default) or ``jnp.float64`` (needs ``jax_enable_x64``): the
+        dtype of the positions, gradients, step sizes and recorded losses; ``params`` are
+        cast to it.
+      compute_dtype: optionally evaluate the model at a lower precision (``jnp.bfloat16``):
+        parameters and floating data are cast to it inside the loss; the loss comes back,
+        and positions and gradients stay, at ``dtype``. Write ``loss_fn`` so that its final
+        reduction runs in float32 (e.g. ``jnp.mean(x, dtype=jnp.float32)``).
 
     Returns:
       An :class:`~slt_jax.results.LLCResult`.
     """
+    if isinstance(sampler, str) and sampler == "nuts":
+        return nuts.estimate_llc_nuts(
+            loss_fn, params, data, key, localization=localization, nbeta=nbeta, step_size=step_size,
+            num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+            steps_per_draw=steps_per_draw, batch_size=batch_size, eval_data=eval_data,
+            param_mask=param_mask, on_divergence=on_divergence, progress=progress)
     n = validation.check_data(data)
     num_params = validation.check_params(params)
-    validation.check_positive("step_size", step_size)
+    auto = isinstance(step_size, str) and step_size == "auto"
+    if not (auto or isinstance(step_size, Calibration)):
+        validation.check_positive("step_size", step_size)
     validation.check_positive("localization", localization, allow_zero=True)
     if nbeta is None:
         nbeta = default_nbeta(n) if n > 1 else 1.0
@@ -116,18 +200,34 @@ def estimate_llc(
     if on_divergence not in ("warn", "raise"):
         raise ValueError(f"on_divergence={on_divergence!r} must be 'warn' or 'raise'")
     kernel = get_kernel(sampler)
+    if mala and kernel.name != "sgld":
+        raise ValueError(f"mala=True checks SGLD proposals; it does not apply to sampler={kernel.name!r}")
     key_data = _key_data(key)
+    dtype, compute_dtype = _check_dtypes(dtype, compute_dtype)
+    mesh = sharding.resolve_mesh(mesh, devices)
+    calibration = step_size if isinstance(step_size, Calibration) else None
+    if auto:
+        calibration = calibrate(loss_fn, params, data, jax.random.fold_in(key, CALIBRATION_STREAM),
+                                localization=localization, nbeta=nbeta, batch_size=batch_size, sampler=kernel,
+                                param_mask=param_mask, divergence_threshold=divergence_threshold, mesh=mesh,
+                                chunk_size=chunk_size, progress=progress)
+    if calibration is not None:
+        step_size = calibration.recommended(nbeta, localization)
+        burnin, draws = calibration.schedule(step_size, steps_per_draw, nbeta, localization)
+        num_burnin, num_draws = max(num_burnin, burnin), max(num_draws, draws)
 
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     mask = masks.resolve_mask(param_mask, params)
     num_sampled = masks.num_sampled(mask, params)
-    data = jax.device_put(data)
+    sharding.check_data_split(mesh, n, batch_size)
+    data = sharding.put_data(data, mesh)
     first = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
     validation.check_loss_fn(loss_fn, params, first)
     measure_data, n_eval = None, n
     if eval_data is not None:
         n_eval = validation.check_data(eval_data, "eval_data")
-        eval_data = jax.device_put(eval_data)
+        sharding.check_data_split(mesh, n_eval, min(batch_size, n_eval), "eval_data")
+        eval_data = sharding.put_data(eval_data, mesh)
         measure_data = eval_data
     elif loss_estimator == "full_batch":
         measure_data = data
@@ -137,6 +237,7 @@ def estimate_llc(
                               eval_data)
         validation.check_loss_fn(loss_fn, params, shapes, "eval_data")
 
+    loss_fn = _PrecisionLoss(loss_fn, compute_dtype, dtype)
     reference = _full_batch_loss(loss_fn, params, data, batch_size)
     init = reference if eval_data is None else _full_batch_loss(loss_fn, params, eval_data, eval_batch_size)
     init_loss = float(init.mean)
@@ -146,8 +247,8 @@ def estimate_llc(
         divergence_threshold = divergence_lib.default_threshold(num_sampled, nbeta, float(reference.batch_std))
     validation.check_positive("divergence_threshold", divergence_threshold)
 
-    acc = jax.dtypes.canonicalize_dtype(jnp.float64)
-    config = RunConfig(loss_fn, kernel, batch_size, steps_per_draw, loss_estimator, eval_batch_size)
+    acc = dtype
+    config = RunConfig(loss_fn, kernel, batch_size, steps_per_draw, loss_estimator, eval_batch_size, mesh)
     inputs = ChainInputs(
         step_size=jnp.asarray(step_size, acc),
         posterior=LocalPosterior(params, jnp.asarray(nbeta, acc), jnp.asarray(localization, acc), mask),
@@ -174,6 +275,13 @@ def estimate_llc(
         plain_stats = llc_statistics(llc_draws(batch_loss, init_loss, nbeta), healthy)
         plain = {"llc_mean": plain_stats.llc_mean, "llc_se": plain_stats.llc_se}
     loss_trace = batch_loss if center_loss is None else batch_loss - center_loss + init_loss
+    sampler_stats = {name: float(np.mean(np.asarray(value)[healthy]))
+                     for name, value in draws.info._asdict().items()} if healthy.any() else {}
+    if mala:
+        positions = state.kernel_state.position
+        rates = mala_acceptance(loss_fn, data, inputs.posterior, positions, jax.random.split(key)[1],
+                                step_size=step_size)
+        sampler_stats["mala_acceptance"] = float(np.mean(rates[healthy])) if healthy.any() else float("nan")
 
     diverged_chains = [int(i) for i in np.flatnonzero(diverged)]
     diverged_steps = [int(diverged_at[i]) for i in diverged_chains]
@@ -187,12 +295,14 @@ def estimate_llc(
         "param_mask": param_mask if isinstance(param_mask, str) or param_mask is None else "pytree",
         "divergence_threshold": divergence_threshold,
         "key": key_data, "dtype": str(acc), "jax_version": jax.__version__,
-        "devices": [str(d) for d in jax.devices()[:1]],
+        "devices": sharding.devices_of(mesh), "mesh": dict(mesh.shape),
+        "compute_dtype": None if compute_dtype is None else str(compute_dtype),
+        "calibration": None if calibration is None else calibration.summary(nbeta, localization),
     }
     return LLCResult(
         llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se,
         llc_per_chain=stats.llc_per_chain, loss_trace=loss_trace, llc_trace=per_draw,
         distance_trace=np.asarray(draws.distance), init_loss=init_loss, nbeta=float(nbeta), n=n,
         diverged_chains=diverged_chains, diverged_at=diverged_steps, plain=plain,
-        diagnostics=diagnostics, settings=settings,
+        diagnostics=diagnostics, settings=settings, sampler_stats=sampler_stats or None,
     )

@@ -46,6 +46,10 @@ class LLCResult:
         draws ``{"llc_mean", "llc_se"}`` — to show what the control variate saved.
       diagnostics: ESS, split R-hat and MCSE of the λ̂ trace.
       settings: every setting that produced the result (JSON-ready).
+      sampler_stats: what the sampler reported, or ``None``: the mean of each field of the
+        kernel's per-step info over the draws of healthy chains (e.g. SGNHT's kinetic
+        temperature), the MALA acceptance rate (``mala=True``), or NUTS's adapted step size,
+        acceptance, divergent transitions and leapfrog steps.
     """
 
     llc_mean: float
@@ -63,6 +67,7 @@ class LLCResult:
     plain: dict | None
     diagnostics: Any
     settings: dict
+    sampler_stats: dict | None = None
 
     def to_dict(self, traces: bool = False) -> dict:
         """A JSON-serialisable dict; traces (chains × draws arrays) only if ``traces``."""

@@ -1,9 +1,11 @@
 """Sampler kernels, each a pure ``(init, step)`` pair (see :mod:`slt_jax.samplers.base`)."""
 
 from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
+from slt_jax.samplers.rmsprop_sgld import RMSPROP_SGLD, RMSPropSGLDState, rmsprop_sgld, rmsprop_sgld_kernel
 from slt_jax.samplers.sgld import SGLD, SGLDState, sgld
+from slt_jax.samplers.sgnht import SGNHT, SGNHTState, sgnht, sgnht_kernel
 
-KERNELS = {SGLD.name: SGLD}
+KERNELS = {kernel.name: kernel for kernel in (SGLD, RMSPROP_SGLD, SGNHT)}
 
 
 def get_kernel(sampler) -> KernelFactory:
@@ -15,4 +17,8 @@ def get_kernel(sampler) -> KernelFactory:
     return KERNELS[sampler]
 
 
-__all__ = ["KERNELS", "KernelFactory", "SGLD", "SGLDState", "SamplingAlgorithm", "get_kernel", "sgld"]
+__all__ = [
+    "KERNELS", "KernelFactory", "RMSPROP_SGLD", "RMSPropSGLDState", "SGLD", "SGLDState", "SGNHT",
+    "SGNHTState", "SamplingAlgorithm", "get_kernel", "rmsprop_sgld", "rmsprop_sgld_kernel", "sgld",
+    "sgnht", "sgnht_kernel",
+]

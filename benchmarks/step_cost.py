@@ -1,0 +1,297 @@
+"""What one SGLD chain-step costs, against the plain SGD step it cannot beat.
+
+SGLD needs one minibatch gradient per step, like SGD; on top it draws Gaussian noise for
+every parameter and pulls towards w*. This script measures, on the machine it runs on:
+
+  * step cost: one SGLD chain-step (``slt_jax.chains.run_chains``, one chain, every step a
+    draw with the free ``"minibatch"`` loss record) against one plain jitted SGD step of the
+    same model on the same on-device minibatch (a ``lax.scan`` of SGD steps, so neither pays
+    Python dispatch per step), for a small MLP and a ~1M-parameter MLP at batch 32, 128, 512
+    and 2048; and the noise alone (``tree_normal`` over the parameters);
+  * noise: ``jax.random.normal`` for 1M parameters with each PRNG implementation
+    (threefry2x32, rbg, unsafe_rbg);
+  * progress: a run in the default ~20 chunks (progress bar granularity) against one chunk;
+  * memory: the compiled chunk program for the 1M model with 16 chains (XLA's memory
+    analysis: arguments, outputs, donated aliases, temporaries);
+  * devices: chain-steps/s against the number of chains and of (simulated) devices, in a
+    subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+
+Run::
+
+    python benchmarks/step_cost.py [--quick] [--out benchmarks/results/step_cost.json]
+
+It prints markdown tables and writes JSON. On CPU, simulated devices share the machine's
+cores, so the device table shows the mechanics (same program, chains split), not a speed-up.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slt_jax import sharding
+from slt_jax.chains import ChainInputs, RunConfig, _advance, chain_keys, init_chains, per_chain, run_chains
+from slt_jax.divergence import Divergence
+from slt_jax.posterior import LocalPosterior, minibatch
+from slt_jax.samplers import SGLD
+from slt_jax.samplers.noise import normal, tree_normal
+
+MODELS = {"small": (16, 64, 64, 1), "1M": (512, 1024, 512, 16)}
+BATCHES = (32, 128, 512, 2048)
+N = 8192
+STEP_SIZE, LOCALIZATION, NBETA, LEARNING_RATE = 1e-7, 1.0, 1000.0, 1e-3
+
+
+def init_mlp(key, widths):
+    """He-initialised weights and zero biases of a tanh MLP with the given widths."""
+    params = []
+    for k, (a, b) in zip(jax.random.split(key, len(widths) - 1), zip(widths[:-1], widths[1:])):
+        params.append({"w": jax.random.normal(k, (a, b)) * math.sqrt(2.0 / a), "b": jnp.zeros(b)})
+    return params
+
+
+def mlp_loss(params, batch):
+    """Mean squared error of the tanh MLP on ``batch = {"x", "y"}``."""
+    h = batch["x"]
+    for layer in params[:-1]:
+        h = jnp.tanh(h @ layer["w"] + layer["b"])
+    out = h @ params[-1]["w"] + params[-1]["b"]
+    return jnp.mean(jnp.square(out - batch["y"]))
+
+
+def problem(widths, key=jax.random.key(0)):
+    """Parameters and an n = N regression dataset for an MLP of ``widths``."""
+    kp, kx, ky = jax.random.split(key, 3)
+    params = init_mlp(kp, widths)
+    data = {"x": jax.random.normal(kx, (N, widths[0])), "y": jax.random.normal(ky, (N, widths[-1]))}
+    return params, data
+
+
+def num_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def best_times(fns: dict, rounds: int) -> dict:
+    """Minimum wall and process-CPU seconds of each ``fn()`` (blocking on its result).
+
+    The functions are called in turn, ``rounds`` times each after one warm-up call, so a
+    machine shared with other work slows them alike; the minimum is the least disturbed run.
+    CPU time counts every thread of this process and is steadier than wall time on a busy
+    machine.
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    wall = {name: math.inf for name in fns}
+    cpu = dict(wall)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            wall[name] = min(wall[name], time.perf_counter() - start_wall)
+            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    return {name: (wall[name], cpu[name]) for name in fns}
+
+
+def sgld_setup(params, data, batch_size, mesh=None, loss_estimator="minibatch"):
+    """The RunConfig and ChainInputs ``estimate_llc`` would build for this model."""
+    config = RunConfig(mlp_loss, SGLD, batch_size, 1, loss_estimator, batch_size, mesh)
+    inputs = ChainInputs(
+        step_size=jnp.float32(STEP_SIZE),
+        posterior=LocalPosterior(params, jnp.float32(NBETA), jnp.float32(LOCALIZATION)),
+        divergence=Divergence(jnp.float32(0.0), jnp.float32(1e30)),
+        data=data,
+        eval_data=None,
+    )
+    return config, inputs
+
+
+def sgld_run(config, inputs, num_chains, num_steps, chunk_size=None, progress=False):
+    """A closure running ``num_steps`` steps of ``num_chains`` chains, every step a draw."""
+    key = jax.random.key(1)
+
+    def run():
+        state, draws = run_chains(key, config, inputs, num_chains=num_chains, num_burnin=0,
+                                  num_draws=num_steps, chunk_size=chunk_size or num_steps,
+                                  progress=progress)
+        return state.kernel_state.position, draws.batch_loss
+
+    return run
+
+
+def sgd_run(params, data, batch_size, num_steps):
+    """A closure running ``num_steps`` plain SGD steps in one jitted ``lax.scan``."""
+
+    @jax.jit
+    def train(params, key):
+        def body(p, t):
+            batch = minibatch(jax.random.fold_in(key, t), data, batch_size)
+            loss, grad = jax.value_and_grad(mlp_loss)(p, batch)
+            return jax.tree.map(lambda w, g: w - LEARNING_RATE * g, p, grad), loss
+
+        return jax.lax.scan(body, params, jnp.arange(num_steps))
+
+    return lambda: train(params, jax.random.key(2))
+
+
+def noise_run(params, num_steps):
+    """A closure drawing ``num_steps`` noise pytrees like ``params``.
+
+    Each draw is summed, so none is optimised away; the sum reads the draw once, like the
+    SGLD update does.
+    """
+
+    @jax.jit
+    def draw(key):
+        def body(total, t):
+            noise = tree_normal(jax.random.fold_in(key, t), params)
+            return total + sum(jnp.sum(x) for x in jax.tree.leaves(noise)), None
+
+        return jax.lax.scan(body, jnp.zeros(()), jnp.arange(num_steps))[0]
+
+    return lambda: draw(jax.random.key(3))
+
+
+def step_cost(quick: bool):
+    """Milliseconds per step of SGD, SGLD and the noise alone, per model and batch."""
+    rows = []
+    for name, widths in MODELS.items():
+        params, data = problem(widths)
+        for batch_size in BATCHES:
+            # Enough steps that a run takes ≥ ~0.2 s, so dispatch and set-up are amortised.
+            steps = {"small": 400, "1M": 10 if quick else 20}[name]
+            config, inputs = sgld_setup(params, data, batch_size)
+            t = best_times({"sgd": sgd_run(params, data, batch_size, steps),
+                            "sgld": sgld_run(config, inputs, 1, steps),
+                            "noise": noise_run(params, steps)}, 3 if quick else 6)
+            ms = {name_: (1e3 * w / steps, 1e3 * c / steps) for name_, (w, c) in t.items()}
+            rows.append({"model": name, "num_params": num_params(params), "batch_size": batch_size,
+                         "sgd_ms": ms["sgd"][0], "sgld_ms": ms["sgld"][0], "noise_ms": ms["noise"][0],
+                         "sgld_over_sgd": ms["sgld"][0] / ms["sgd"][0],
+                         "sgd_cpu_ms": ms["sgd"][1], "sgld_cpu_ms": ms["sgld"][1],
+                         "sgld_over_sgd_cpu": ms["sgld"][1] / ms["sgd"][1]})
+            print(f"  step cost {name} batch {batch_size}: SGLD/SGD = {rows[-1]['sgld_over_sgd']:.2f} wall, "
+                  f"{rows[-1]['sgld_over_sgd_cpu']:.2f} CPU", file=sys.stderr)
+    return rows
+
+
+def noise_impls(quick: bool):
+    """Milliseconds for 1M float32 standard normals: each PRNG implementation, and slt-jax's."""
+    shape = (1_000_000,)
+    fns = {}
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        draw = jax.jit(lambda k: jax.random.normal(k, shape))
+        fns[f"jax.random.normal, {impl}"] = partial(draw, jax.random.key(0, impl=impl))
+    ours = jax.jit(lambda k: normal(k, shape, jnp.float32))
+    fns["slt_jax noise.normal, threefry2x32 (paired counters)"] = partial(ours, jax.random.key(0))
+    t = best_times(fns, 5 if quick else 20)
+    return [{"generator": name, "wall_ms": 1e3 * w, "cpu_ms": 1e3 * c} for name, (w, c) in t.items()]
+
+
+def progress_cost(quick: bool):
+    """Wall time of a run in the default chunks (with the progress bar on) against one chunk."""
+    params, data = problem(MODELS["small"])
+    config, inputs = sgld_setup(params, data, 128, loss_estimator="control_variate")
+    steps, chains = 2000, 8
+    default_chunk = max(100, math.ceil(steps / 20))
+    t = best_times({"one": sgld_run(config, inputs, chains, steps, chunk_size=steps),
+                    "chunked": sgld_run(config, inputs, chains, steps, chunk_size=default_chunk, progress=True)},
+                   3 if quick else 8)
+    one, chunked = t["one"][0], t["chunked"][0]
+    return {"chains": chains, "steps": steps, "chunks": math.ceil(steps / default_chunk),
+            "one_chunk_s": one, "chunked_with_progress_s": chunked, "overhead": chunked / one - 1}
+
+
+def memory(num_chains=16, batch_size=512, chunk=100):
+    """XLA's memory analysis of the compiled chunk program: 1M-parameter MLP, 16 chains."""
+    params, data = problem(MODELS["1M"])
+    mesh = sharding.make_mesh()
+    config, inputs = sgld_setup(params, data, batch_size, mesh, loss_estimator="control_variate")
+    inputs = per_chain(inputs, num_chains)
+    keys = chain_keys(jax.random.key(0), num_chains)
+    state = init_chains(config, inputs, num_chains)
+    lowered = _advance.lower(config, inputs, chunk, keys, state, jnp.int32(0), jnp.int32(0), jnp.int32(chunk))
+    analysis = lowered.compile().memory_analysis()
+    mib = lambda b: b / 2**20
+    out = {"num_params": num_params(params), "num_chains": num_chains, "batch_size": batch_size,
+           "chunk_steps": chunk, "dataset_mib": mib(sum(x.nbytes for x in jax.tree.leaves(data))),
+           "positions_mib": mib(4 * num_chains * num_params(params))}
+    if analysis is not None:
+        arg, res = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
+        alias, temp = analysis.alias_size_in_bytes, analysis.temp_size_in_bytes
+        out.update(arguments_mib=mib(arg), outputs_mib=mib(res), donated_alias_mib=mib(alias),
+                   temporaries_mib=mib(temp), peak_mib=mib(arg + res - alias + temp))
+    return out
+
+
+def devices_worker(quick: bool):
+    """Chain-steps/s against chains and devices (run with 8 simulated devices)."""
+    params, data = problem(MODELS["small"])
+    steps = 500 if quick else 1000
+    rows = []
+    for devices in (1, 2, 4, 8):
+        mesh = sharding.make_mesh(devices)
+        config, inputs = sgld_setup(params, data, 128, mesh)
+        for chains in (8, 64):
+            wall = best_times({"run": sgld_run(config, inputs, chains, steps)}, 2)["run"][0]
+            rows.append({"devices": devices, "chains": chains, "chain_steps_per_s": chains * steps / wall})
+    return rows
+
+
+def markdown(rows, columns):
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    return "\n".join([head] + ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_cost.json"))
+    parser.add_argument("--devices-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.devices_worker:
+        print(json.dumps(devices_worker(args.quick)))
+        return
+
+    results = {
+        "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "step_cost": step_cost(args.quick),
+        "noise_impls": noise_impls(args.quick),
+        "progress": progress_cost(args.quick),
+        "memory": memory(),
+    }
+    # After the single-device timings, not beside them: both would share the same cores.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, __file__, "--devices-worker"] + (["--quick"] if args.quick else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    results["devices"] = json.loads(out.strip().splitlines()[-1])
+
+    print(f"## Step cost ({results['device']}, jax {jax.__version__})\n")
+    print(markdown(results["step_cost"], ["model", "num_params", "batch_size", "sgd_ms", "sgld_ms",
+                                          "noise_ms", "sgld_over_sgd", "sgld_over_sgd_cpu"]))
+    print("\n## 1M float32 standard normals\n")
+    print(markdown(results["noise_impls"], ["generator", "wall_ms", "cpu_ms"]))
+    print("\n## Progress (chunked scan) cost\n")
+    print(markdown([results["progress"]], list(results["progress"])))
+    print("\n## Memory of one compiled chunk: 1M-parameter MLP, 16 chains\n")
+    print(markdown([results["memory"]], list(results["memory"])))
+    print("\n## Chain-steps/s against chains and simulated devices (small MLP, batch 128)\n")
+    print(markdown(results["devices"], ["devices", "chains", "chain_steps_per_s"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
