@@ -1,0 +1,263 @@
+"""How much does λ̂ vary, and do its error bars hold? Seeds, budgets, samplers, estimators.
+
+One fixed model — a deep linear network with widths (4, 3, 4), at the empirical minimiser ŵ
+of n = 2,000 NOISY samples (σ = 0.5), Gaussian negative log-likelihood, γ = 10,
+nβ = n / log n, batch 100 — and its λ̂ estimated many times with independent keys ("seeds"):
+
+  1. **Chains × draws at a fixed gradient budget.** Every seed gets the same number of
+     minibatch gradients, ``--budget`` per seed, split as c chains × budget/c steps (half of
+     them burn-in), c = 1 … 32. For each split: the spread of λ̂ across seeds (the real
+     error), the mean reported standard error, and the **coverage** of the reported 95 %
+     intervals λ̂ ± 1.96·se: how often they contain the reference value.
+  2. **Samplers at equal cost.** ``sgld`` and every other SGLD-family kernel registered in
+     ``slt_jax.samplers.KERNELS`` (``rmsprop_sgld``, ``sgnht``), each at the step size its
+     own calibration chose (``slt_jax.calibration.calibrate(sampler=...)`` over 7 step sizes
+     a factor 2 apart, from the default grid's top down 64-fold: RMSProp-SGLD's
+     preconditioner multiplies the step by up to 10 near a minimum, so its scale is not
+     SGLD's), all with the same chains × steps: bias against the reference, spread, coverage.
+  3. **Control variate against the plain minibatch estimator** on the same chains (same
+     key: identical trajectories, only the measurement differs): with noisy data the
+     minibatch loss at w* fluctuates by ``nβ·std(L_B(w*))`` per draw, which the control
+     variate ``nβ·(L_B(w_t) − L_B(w*))`` cancels.
+
+The reference value is NUTS on the same posterior (``estimate_llc(sampler="nuts")``: exact
+full-batch gradients, no discretisation bias), with its own standard error.
+
+Seeds run side by side: one ``estimate_llc`` call with seeds × c chains, split into groups of
+c chains afterwards (chain i's trace depends only on the key and i, so the groups are
+independent estimates, as separate calls would be).
+
+Run::
+
+    python benchmarks/estimator_variance.py [--seeds 20] [--budget 16000]
+
+It prints three tables and writes ``benchmarks/results/estimator_variance.json`` and
+``estimator_variance.png``. The defaults take about 10–20 minutes on two CPU cores.
+"""
+
+import argparse
+import functools
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import slt_jax
+from slt_jax.calibration import CalibrationError, calibrate, default_step_sizes
+from slt_jax.estimators.diagnostics import mcse_mean
+from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
+from slt_jax.samplers import KERNELS
+
+WIDTHS, RANK, N, NOISE = (4, 3, 4), 1, 2_000, 0.5
+LOCALIZATION, BATCH_SIZE = 10.0, 100
+SPLITS = (1, 2, 4, 8, 16, 32)
+_LOSS = functools.partial(dln_loss, sigma=NOISE)
+
+
+def problem(seed: int = 0):
+    """The DLN data and its empirical minimiser ŵ (full-batch Adam from the teacher)."""
+    key_teacher, key_data = jax.random.split(jax.random.key(seed))
+    teacher = dln_teacher(key_teacher, WIDTHS, RANK)
+    data = dln_data(key_data, teacher, N, noise=NOISE)
+    optimizer = optax.adam(1e-3)
+
+    @jax.jit
+    def fit(params):
+        def step(carry, _):
+            params, state = carry
+            grads = jax.grad(_LOSS)(params, data)
+            updates, state = optimizer.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), None, length=5000)[0][0]
+
+    return fit(teacher), data
+
+
+def per_seed(result, seeds: int, chains: int):
+    """λ̂ and its reported standard error for each group of ``chains`` chains of one run."""
+    per_chain = result.llc_per_chain.reshape(seeds, chains)
+    trace = result.llc_trace.reshape(seeds, chains, -1)
+    bad = np.zeros(seeds * chains, bool)
+    bad[result.diverged_chains] = True
+    bad = bad.reshape(seeds, chains)
+    means, ses = [], []
+    for r in range(seeds):
+        good = per_chain[r][~bad[r]]
+        if good.size == 0:
+            means.append(np.nan)
+            ses.append(np.nan)
+            continue
+        means.append(good.mean())
+        # As estimate_llc reports it: chain spread / √chains, the MCSE with a single chain.
+        ses.append(good.std(ddof=1) / math.sqrt(good.size) if good.size > 1 else mcse_mean(trace[r][~bad[r]]))
+    return np.array(means), np.array(ses)
+
+
+def summary(means, ses, reference) -> dict:
+    """Bias, spread, mean reported se and 95 % coverage of a set of seeds' estimates."""
+    ok = np.isfinite(means) & np.isfinite(ses)
+    m, s = means[ok], ses[ok]
+    return {
+        "seeds": int(ok.sum()), "mean": float(m.mean()), "bias_rel": float(m.mean() / reference - 1),
+        "spread": float(m.std(ddof=1)), "mean_se": float(s.mean()),
+        "coverage": float(np.mean(np.abs(m - reference) <= 1.96 * s)),
+    }
+
+
+def run(sampler, params, data, key, *, step_size, seeds, chains, steps, loss_estimator="control_variate"):
+    """One call of seeds × chains chains; returns the per-seed (λ̂, se) and the wall time."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", slt_jax.DivergenceWarning)
+        result = slt_jax.estimate_llc(_LOSS, params, data, key, step_size=step_size, localization=LOCALIZATION,
+                                      batch_size=BATCH_SIZE, num_chains=seeds * chains, num_burnin=steps // 2,
+                                      num_draws=steps - steps // 2, sampler=sampler,
+                                      loss_estimator=loss_estimator, progress=False)
+    return per_seed(result, seeds, chains), time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=16_000, help="minibatch gradients per seed")
+    parser.add_argument("--nuts-draws", type=int, default=1000)
+    parser.add_argument("--out", default="benchmarks/results/estimator_variance.json")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    params, data = problem()
+    key = jax.random.key(1)
+
+    nuts = slt_jax.estimate_llc(_LOSS, params, data, jax.random.fold_in(key, 0), sampler="nuts", step_size=1e-3,
+                                localization=LOCALIZATION, num_chains=8, num_draws=args.nuts_draws,
+                                num_burnin=300, progress=False)
+    reference = nuts.llc_mean
+    print(f"reference (NUTS, 8 chains × {args.nuts_draws}): λ̂ = {reference:.4f} ± {nuts.llc_se:.4f}; "
+          f"Aoyagi's global λ for {WIDTHS}, r = {RANK}: {float(slt_jax.dln_learning_coefficient(WIDTHS, RANK).lam):g}")
+
+    top = default_step_sizes(_LOSS, params, data, jax.random.fold_in(key, 1), nbeta=nuts.nbeta,
+                             localization=LOCALIZATION)[-1]
+    grid = top * 2.0 ** -np.arange(6, -1, -1)
+    steps_sizes, calibrations = {}, {}
+    for name in KERNELS:
+        try:
+            cal = calibrate(_LOSS, params, data, jax.random.fold_in(key, 1), localization=LOCALIZATION,
+                            step_sizes=grid, num_steps=24_000, batch_size=BATCH_SIZE, sampler=name,
+                            progress=False)
+            steps_sizes[name] = cal.recommended()
+        except CalibrationError as error:
+            steps_sizes[name] = None
+            cal = error
+        calibrations[name] = str(cal)
+    print("calibrated step sizes:", {k: v and float(f"{v:.3g}") for k, v in steps_sizes.items()})
+
+    # 1. Chains × draws at a fixed budget (SGLD).
+    splits = []
+    print(f"\n### 1. Chains × draws at {args.budget} gradients per seed (SGLD, ε = {steps_sizes['sgld']:.3g}, "
+          f"{args.seeds} seeds, half of each chain burn-in)\n")
+    print("| chains × steps | λ̂ (mean over seeds) | bias | spread across seeds | mean reported se | 95 % coverage |")
+    print("|---|---|---|---|---|---|")
+    for c in SPLITS:
+        steps = args.budget // c
+        (means, ses), wall = run("sgld", params, data, jax.random.fold_in(key, 100 + c),
+                                 step_size=steps_sizes["sgld"], seeds=args.seeds, chains=c, steps=steps)
+        row = {"chains": c, "steps": steps, "seconds": wall, **summary(means, ses, reference)}
+        splits.append(row)
+        print(f"| {c} × {steps} | {row['mean']:.3f} | {100 * row['bias_rel']:+.1f} % | {row['spread']:.3f} | "
+              f"{row['mean_se']:.3f} | {100 * row['coverage']:.0f} % |", flush=True)
+
+    # 2. Samplers at equal cost.
+    chains, steps = 8, args.budget // 8
+    samplers = []
+    print(f"\n### 2. Samplers at equal cost ({chains} chains × {steps} steps per seed, {args.seeds} seeds)\n")
+    print("| sampler | ε (calibrated) | λ̂ | bias vs NUTS | spread | mean se | 95 % coverage |")
+    print("|---|---|---|---|---|---|---|")
+    for name, eps in steps_sizes.items():
+        if eps is None:
+            samplers.append({"sampler": name, "step_size": None})
+            print(f"| {name} | calibration failed | | | | | |")
+            continue
+        (means, ses), wall = run(name, params, data, jax.random.fold_in(key, 200), step_size=eps,
+                                 seeds=args.seeds, chains=chains, steps=steps)
+        row = {"sampler": name, "step_size": eps, "seconds": wall, **summary(means, ses, reference)}
+        samplers.append(row)
+        print(f"| {name} | {eps:.3g} | {row['mean']:.3f} | {100 * row['bias_rel']:+.1f} % | {row['spread']:.3f} | "
+              f"{row['mean_se']:.3f} | {100 * row['coverage']:.0f} % |", flush=True)
+
+    # 3. Control variate against the plain minibatch estimator, same trajectories.
+    estimators = []
+    print(f"\n### 3. Estimators on the same chains (SGLD, {chains} chains × {steps} steps, noisy data σ = {NOISE})\n")
+    print("| loss estimator | λ̂ | bias vs NUTS | spread | mean se | 95 % coverage |")
+    print("|---|---|---|---|---|---|")
+    for estimator in ("control_variate", "minibatch"):
+        (means, ses), wall = run("sgld", params, data, jax.random.fold_in(key, 300), step_size=steps_sizes["sgld"],
+                                 seeds=args.seeds, chains=chains, steps=steps, loss_estimator=estimator)
+        row = {"loss_estimator": estimator, "seconds": wall, **summary(means, ses, reference)}
+        estimators.append(row)
+        print(f"| {estimator} | {row['mean']:.3f} | {100 * row['bias_rel']:+.1f} % | {row['spread']:.3f} | "
+              f"{row['mean_se']:.3f} | {100 * row['coverage']:.0f} % |", flush=True)
+    ratio = estimators[1]["spread"] / estimators[0]["spread"]
+    print(f"\nthe plain estimator's spread is {ratio:.1f}× the control variate's "
+          f"(≈ {ratio ** 2:.0f}× the draws for the same error)")
+
+    wall = time.perf_counter() - start
+    print(f"\nwall time {wall:.0f} s on {jax.devices()[0]}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "settings": {"widths": WIDTHS, "rank": RANK, "n": N, "noise": NOISE, "localization": LOCALIZATION,
+                     "batch_size": BATCH_SIZE, "nbeta": nuts.nbeta, "seeds": args.seeds, "budget": args.budget,
+                     "burnin_fraction": 0.5, "device": str(jax.devices()[0]), "wall_seconds": wall},
+        "reference": {"sampler": "nuts", "llc_mean": reference, "llc_se": nuts.llc_se,
+                      "sampler_stats": nuts.sampler_stats},
+        "step_sizes": steps_sizes, "calibrations": calibrations,
+        "splits": splits, "samplers": samplers, "estimators": estimators,
+    }
+    out.write_text(json.dumps(record, indent=1, default=float))
+    plot(record, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(record, path):
+    """Spread and reported se against chains at fixed budget; coverage; samplers; estimators."""
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    (a, b), (c, d) = fig.subplots(2, 2)
+    splits = record["splits"]
+    chains = [r["chains"] for r in splits]
+    a.plot(chains, [r["spread"] for r in splits], "o-", label="spread across seeds")
+    a.plot(chains, [r["mean_se"] for r in splits], "s--", label="mean reported se")
+    a.plot(chains, [abs(r["mean"] - record["reference"]["llc_mean"]) for r in splits], "^:", label="|bias| vs NUTS")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("chains (fixed gradient budget)")
+    a.set_ylabel(r"error in $\hat\lambda$")
+    a.legend(fontsize="small")
+    b.plot(chains, [100 * r["coverage"] for r in splits], "o-")
+    b.axhline(95, color="0.4", linestyle=":")
+    b.set_xscale("log", base=2)
+    b.set_ylim(0, 105)
+    b.set_xlabel("chains (fixed gradient budget)")
+    b.set_ylabel("coverage of 95 % intervals (%)")
+    done = [r for r in record["samplers"] if r.get("step_size")]
+    names = [r["sampler"] for r in done]
+    c.bar(names, [r["mean"] for r in done], yerr=[r["spread"] for r in done], capsize=4, color="C1")
+    c.axhline(record["reference"]["llc_mean"], color="0.2", linestyle="--", label="NUTS")
+    c.set_ylabel(r"$\hat\lambda$ ± spread (equal cost)")
+    c.legend(fontsize="small")
+    est = record["estimators"]
+    d.bar([r["loss_estimator"] for r in est], [r["spread"] for r in est], color="C2")
+    d.set_ylabel(r"spread of $\hat\lambda$ across seeds")
+    d.set_title("same chains, noisy data", fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,752 @@
+"""Step-size calibration: a sweep of step sizes in one program, compared at equal simulated time.
+
+SGLD's discretisation error biases λ̂ upward as the step size ε grows, and a large enough ε
+diverges (Lau et al., arXiv:2308.12108; REFERENCE.md §3). :func:`calibrate` runs one chain
+group per setting (step size, and optionally nβ and γ) in a single compiled program — the
+chain runner takes one step size, nβ and γ per chain — checks each group's stability and
+recommends the largest step size whose λ̂ agrees with the smaller ones.
+
+Equal simulated time. Langevin dynamics relax on the time scale ``t = ε × steps``, whatever
+ε: ε only sets the discretisation error. Given equal step counts, a small ε has had less
+time, has not equilibrated and reads low — which looks like disagreement, or by chance
+agreement, for the wrong reason. The groups here share one program and so one step count,
+``num_steps``: the smallest step size's. Every group is read over the same simulated-time
+window instead: burn-in up to ``T_b = burnin_fraction · T`` and draws over ``[T_b, T]``,
+where ``T = num_steps · ε_min``; a group at ε reads its steps ``[T_b/ε, T/ε]``. Larger
+step sizes reach T early; their later steps are not averaged but still count for
+divergence — a longer stability test at no extra cost. Each (nβ, γ) setting has its own T
+(its own smallest step size). The sweep costs ``groups × num_chains × num_steps`` steps.
+
+Checks per group (its status):
+
+- ``"diverged"``: a chain's loss became NaN/inf or ran away (:mod:`slt_jax.divergence`)
+  at any step of the program.
+- ``"unstable"``: λ̂ is negative by more than 3 standard errors (w* is not a minimum, or
+  the sampler is broken); the Metropolis acceptance of its Langevin proposals on the
+  full-batch posterior is below 0.7 (plain SGLD on small data, where the check is cheap:
+  :mod:`slt_jax.mala`); or its λ̂ draws trend within the window by more than the
+  reference's (drifting away). A trend *shared* with the reference is slow equilibration,
+  the same for every step size at equal simulated time; it does not disqualify.
+- ``"biased"``: stable, but λ̂ differs from the smaller accepted step sizes.
+- ``"ok"``: stable and agrees: ``|λ̂_ε − λ̂_ref| + z·se ≤ rtol·|λ̂_ref|``, where ``λ̂_ref``
+  is the inverse-variance mean of the accepted smaller step sizes and ``se`` the standard
+  error of the difference. The difference *plus* its error must fit in the tolerance, so a
+  noisy group cannot pass by being noisy.
+- ``"skipped"``: stable and agrees, but lies above a step size that failed.
+
+The smallest stable step size is the reference (``"ok"``); walking up, the first group
+that is not ``"ok"`` ends the run of candidates, and the recommendation is the largest
+``"ok"`` step size.
+
+Equilibration. Comparing at equal simulated time does not need the chains to have
+equilibrated, but the estimate does. Every group ran the whole program, so the largest step
+size that neither diverged nor drifted ran longest — ``num_steps · ε`` of simulated time,
+``ε/ε_min`` times T — and its trace shows when λ̂ stops trending
+(:func:`equilibration_time`; a biased group settles at a shifted level but on the same
+clock). An estimate at the chosen ε* burns in for that long (at least T_b) and draws for
+``T − T_b`` (:meth:`Calibration.schedule`). If λ̂ still trends at the end of that longest
+run, the choice says so and :meth:`Calibration.recommended` warns: raise ``num_steps``.
+"""
+
+import dataclasses
+import itertools
+import json
+import math
+import warnings
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from slt_jax import divergence as divergence_lib
+from slt_jax import masks, sharding, validation
+from slt_jax.chains import ChainInputs, RunConfig, run_chains
+from slt_jax.estimators.diagnostics import mcse_mean
+from slt_jax.mala import mala_acceptance
+from slt_jax.plots import plot_llc_vs_step_size
+from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss, minibatch
+from slt_jax.samplers import get_kernel
+
+DEFAULT_BATCH_SIZE = 256
+# Default grid: GRID_POINTS step sizes GRID_FACTOR apart below the stiffness scale
+# 1/(nβ·h + γ) (see `default_step_sizes`).
+GRID_POINTS = 4
+GRID_FACTOR = 2.0
+# Draws the largest step size gets in its window, at least (sets the draw spacing).
+MIN_WINDOW_DRAWS = 20
+# Standard errors by which a trend or a negative λ̂ must be significant to count.
+CHECK_Z = 3.0
+# MALA acceptance below which a step size counts as unstable: 30 % of exact-gradient Langevin
+# proposals rejected means the step is far from the continuous-time limit (a heuristic; in
+# few dimensions a visibly biased step can still accept > 0.9, which the agreement test catches).
+MIN_MALA_ACCEPTANCE = 0.7
+# The Metropolis check runs where a full-batch pass is cheap: n·d at most this.
+MALA_BUDGET = 5e7
+STATUSES = ("ok", "biased", "unstable", "diverged", "skipped")
+# ``estimate_llc(step_size="auto")`` calibrates with ``fold_in(key, CALIBRATION_STREAM)``: no
+# chain index of the estimate itself reaches it, so the sweep's random numbers are its own.
+CALIBRATION_STREAM = 2**31 - 1
+_PROBE_ROWS = 4096
+_POWER_ITERATIONS = 30
+_RADII = 64
+
+_full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
+
+
+class CalibrationError(RuntimeError):
+    """No step size in the sweep passed calibration."""
+
+
+class CalibrationWarning(UserWarning):
+    """λ̂ at the chosen step size had not stopped trending by the end of the sweep."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """A step-size sweep: one row per chain group, and the recommended step size per setting.
+
+    Attributes:
+      step_sizes, nbetas, localizations: each group's ε, nβ, γ, shape ``(groups,)``.
+      llc_mean: λ̂ of each group over its window (healthy chains), ``(groups,)``.
+      llc_se: its standard error (the larger of the chain-spread and the ESS-based one).
+      llc_per_chain: λ̂ of each chain, ``(groups, num_chains)``.
+      trend: second-half minus first-half mean of the λ̂ draws in the window.
+      mala_acceptance: Metropolis acceptance of the group's Langevin proposals (NaN where
+        the check did not run).
+      diverged_chains: diverged chains per group.
+      window_draws: draws per chain in the group's window.
+      status: one of :data:`STATUSES` per group.
+      reason: why, per group.
+      choices: one dict per (nβ, γ) setting: ``nbeta``, ``localization``, ``step_size``
+        (``None`` if nothing passed), ``reason``, ``total_time`` (T), ``window_start`` (T_b),
+        ``equilibration_time`` (when λ̂ stopped trending at the chosen step size, ``None`` if
+        it did not), ``equilibrated`` and ``burnin_time`` (what an estimate should burn in).
+      settings: the sweep's settings (JSON-ready).
+    """
+
+    step_sizes: np.ndarray
+    nbetas: np.ndarray
+    localizations: np.ndarray
+    llc_mean: np.ndarray
+    llc_se: np.ndarray
+    llc_per_chain: np.ndarray
+    trend: np.ndarray
+    mala_acceptance: np.ndarray
+    diverged_chains: np.ndarray
+    window_draws: np.ndarray
+    status: tuple
+    reason: tuple
+    choices: tuple
+    settings: dict
+
+    def choice(self, nbeta=None, localization=None) -> dict:
+        """The choice for one (nβ, γ) setting; either may be omitted when it was not swept."""
+        found = [c for c in self.choices
+                 if (nbeta is None or np.isclose(c["nbeta"], nbeta))
+                 and (localization is None or np.isclose(c["localization"], localization))]
+        if len(found) != 1:
+            settings = [(c["nbeta"], c["localization"]) for c in self.choices]
+            raise ValueError(f"nbeta={nbeta}, localization={localization} select {len(found)} of the swept "
+                             f"(nbeta, localization) settings {settings}; name exactly one")
+        return found[0]
+
+    def recommended(self, nbeta=None, localization=None) -> float:
+        """The recommended step size; raises :class:`CalibrationError` when none passed."""
+        choice = self.choice(nbeta, localization)
+        if choice["step_size"] is None:
+            raise CalibrationError(f"no step size passed calibration: {choice['reason']}\n{self}")
+        if not choice["equilibrated"]:
+            warnings.warn(f"step size {choice['step_size']:.3g}: {choice['reason']}", CalibrationWarning,
+                          stacklevel=2)
+        return choice["step_size"]
+
+    def schedule(self, step_size, steps_per_draw: int = 1, nbeta=None, localization=None) -> tuple[int, int]:
+        """``(num_burnin, num_draws)`` that give ``step_size`` the simulated time the sweep used.
+
+        Burn-in lasts the choice's ``burnin_time / ε`` steps (the later of T_b and the time
+        λ̂ stopped trending at the chosen step size) and the draws span the sweep's window,
+        ``(T − T_b) / ε`` steps.
+        """
+        choice = self.choice(nbeta, localization)
+        num_burnin = math.ceil(choice["burnin_time"] / step_size)
+        sampling = (choice["total_time"] - choice["window_start"]) / step_size
+        return num_burnin, max(1, math.ceil(sampling / steps_per_draw))
+
+    def summary(self, nbeta=None, localization=None) -> dict:
+        """What an estimate records: the choice for one setting, why, and the whole table."""
+        return _json_safe({**self.choice(nbeta, localization), "table": self.table(), "settings": self.settings})
+
+    def table(self) -> list[dict]:
+        """One dict per group: step size, nβ, γ, λ̂, se, status, reason and the checks."""
+        return [
+            {"step_size": float(self.step_sizes[g]), "nbeta": float(self.nbetas[g]),
+             "localization": float(self.localizations[g]), "llc_mean": float(self.llc_mean[g]),
+             "llc_se": float(self.llc_se[g]), "trend": float(self.trend[g]),
+             "mala_acceptance": float(self.mala_acceptance[g]),
+             "diverged_chains": int(self.diverged_chains[g]), "window_draws": int(self.window_draws[g]),
+             "status": self.status[g], "reason": self.reason[g]}
+            for g in range(len(self.step_sizes))
+        ]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready summary: the table, the choices and the settings."""
+        return _json_safe({"table": self.table(), "choices": list(self.choices), "settings": self.settings})
+
+    def to_json(self, path=None) -> str:
+        """Serialise :meth:`to_dict`; also write it to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def plot(self, path=None, *, nbeta=None, localization=None, reference=None):
+        """λ̂ ± 2·s.e. against step size for one (nβ, γ) setting, the choice starred.
+
+        Groups with no healthy chain are left out; every point is labelled with its status.
+
+        Args:
+          path: optional PNG path.
+          nbeta, localization: which setting (may be omitted when not swept).
+          reference: optional known λ to draw as a line.
+
+        Returns:
+          The matplotlib ``Figure``.
+        """
+        choice = self.choice(nbeta, localization)
+        rows = [g for g in range(len(self.step_sizes))
+                if np.isclose(self.nbetas[g], choice["nbeta"])
+                and np.isclose(self.localizations[g], choice["localization"])
+                and np.isfinite(self.llc_mean[g])]
+        if not rows:
+            raise ValueError("no group of this setting has a finite λ̂ to plot (every chain diverged)")
+        se = np.nan_to_num(self.llc_se[rows], nan=0.0, posinf=0.0)
+        fig = plot_llc_vs_step_size(self.step_sizes[rows], self.llc_mean[rows], se,
+                                    chosen=choice["step_size"], reference=reference)
+        ax = fig.axes[0]
+        for g in rows:
+            ax.annotate(self.status[g], (self.step_sizes[g], self.llc_mean[g]), textcoords="offset points",
+                        xytext=(4, -12), fontsize="x-small", color="0.3")
+        ax.set_title(f"step-size calibration (nβ = {choice['nbeta']:.4g}, γ = {choice['localization']:.3g})",
+                     fontsize="medium")
+        if path is not None:
+            fig.savefig(path, format="png", dpi=120)
+        return fig
+
+    def __str__(self) -> str:
+        lines = ["| step size | nβ | γ | λ̂ | se | MALA acc. | status |", "|---|---|---|---|---|---|---|"]
+        for row in self.table():
+            acc = "" if not np.isfinite(row["mala_acceptance"]) else f"{row['mala_acceptance']:.2f}"
+            lines.append(f"| {row['step_size']:.3g} | {row['nbeta']:.4g} | {row['localization']:.3g} | "
+                         f"{row['llc_mean']:.4g} | {row['llc_se']:.2g} | {acc} | {row['status']} |")
+        for c in self.choices:
+            step = "none" if c["step_size"] is None else f"{c['step_size']:.3g}"
+            lines.append(f"\nnβ = {c['nbeta']:.4g}, γ = {c['localization']:.3g}: step size {step} — {c['reason']}")
+        return "\n".join(lines)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def _values(name, value, *, allow_zero=False) -> list[float]:
+    """A number or a non-empty sequence of numbers, each positive (or ≥ 0), as floats."""
+    items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not items:
+        raise ValueError(f"{name} is an empty sequence")
+    for item in items:
+        validation.check_positive(name, item, allow_zero=allow_zero)
+    return [float(v) for v in items]
+
+
+def _tree_dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _axpy(alpha, x, y):
+    """``alpha·x + y`` over pytrees."""
+    return jax.tree.map(lambda u, v: alpha * u + v, x, y)
+
+
+def _top_curvature(loss_fn, batch, position, probe, mask):
+    """|largest eigenvalue| of the Hessian of ``L_B`` on the sampled coordinates (power iteration)."""
+    grad = jax.grad(lambda p: loss_fn(p, batch))
+    masked = lambda u: jax.tree.map(jnp.multiply, u, mask)
+    hvp = lambda u: masked(jax.jvp(grad, (position,), (masked(u),))[1])
+
+    def body(u, _):
+        hu = hvp(u)
+        norm = jnp.sqrt(_tree_dot(hu, hu))
+        return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), hu), norm
+
+    _, norms = jax.lax.scan(body, masked(probe), None, length=_POWER_ITERATIONS)
+    return norms[-1]
+
+
+@partial(jax.jit, static_argnames=("loss_fn",))
+def _stiffness(loss_fn, batch, center, direction, probe, mask, radii, nbeta, dim):
+    """The larger Hessian scale of L_B at w* and at ``w* + r·z``, r the first of ``radii``
+    where ``nβ·(L_B(w* + r·z) − L_B(w*)) ≥ d/2`` (the last radius if none)."""
+    base = loss_fn(center, batch)
+    energy = jax.lax.map(lambda r: nbeta * (loss_fn(_axpy(r, direction, center), batch) - base), radii)
+    reached = jnp.nan_to_num(energy, nan=jnp.inf) >= dim / 2
+    radius = radii[jnp.where(jnp.any(reached), jnp.argmax(reached), radii.size - 1)]
+    both = jax.tree.map(lambda c, z: jnp.stack([c, c + radius * z]), center, direction)
+    curvature = jax.vmap(_top_curvature, in_axes=(None, None, 0, None, None))(loss_fn, batch, both, probe, mask)
+    return jnp.max(curvature)
+
+
+def _normal_like(key, tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param_mask=None,
+                       num_points: int = GRID_POINTS, factor: float = GRID_FACTOR) -> np.ndarray:
+    """A geometric grid of step sizes below the posterior's stiffness scale.
+
+    For the localized posterior the SGLD step is linearly stable for ε < 2/(nβ·h + γ), h the
+    largest Hessian eigenvalue of L_n along the way (REFERENCE.md §3: large weights make the
+    loss stiff). h is taken as the larger of its value at w* and at a typical posterior
+    point — w* plus a random direction scaled until ``nβ·(L − L(w*)) = d/2``, the most a
+    posterior draw carries on average (λ ≤ d/2) — because at singular points the Hessian at
+    w* can vanish. The grid is ``ε_top · factor^(−k)``, k = 0 … num_points−1, with
+    ``ε_top = 1/(nβ·h + γ)``; both are estimated on a probe batch of up to 4096 rows.
+
+    Args:
+      loss_fn, params, data: as in :func:`calibrate`.
+      key: PRNG key for the probe batch and directions.
+      nbeta: nβ > 0.
+      localization: γ ≥ 0.
+      param_mask: as in :func:`slt_jax.estimate_llc`.
+      num_points: grid size.
+      factor: ratio between neighbouring step sizes (> 1).
+
+    Returns:
+      Step sizes, increasing, shape ``(num_points,)``.
+    """
+    validation.check_positive("num_points", num_points, integer=True)
+    if not factor > 1:
+        raise ValueError(f"factor must be > 1, got {factor!r}")
+    n = validation.check_data(data)
+    key_batch, key_dir, key_power = jax.random.split(key, 3)
+    batch = minibatch(key_batch, data, min(n, _PROBE_ROWS))
+    params = jax.tree.map(jnp.asarray, params)
+    mask = masks.resolve_mask(param_mask, params)
+    mask = jax.tree.map(jnp.ones_like, params) if mask is None else mask
+    dim = masks.num_sampled(mask, params)
+    direction = jax.tree.map(jnp.multiply, _normal_like(key_dir, params), mask)
+    flat = ravel_pytree(params)[0]
+    scale = float(jnp.sqrt(jnp.mean(jnp.square(flat)))) + 1.0
+    top = 10.0 * scale if localization == 0 else min(10.0 * scale, 10.0 / math.sqrt(localization))
+    radii = jnp.logspace(math.log10(top) - 9, math.log10(top), _RADII, dtype=flat.dtype)
+    probe = _normal_like(key_power, params)
+    h = float(_stiffness(loss_fn, batch, params, direction, probe, mask, radii, nbeta, dim))
+    if not np.isfinite(h):
+        raise ValueError("loss_fn has a non-finite Hessian near params: cannot place a step-size grid; "
+                         "pass step_sizes explicitly")
+    top_step = 1.0 / (nbeta * h + localization)
+    return top_step * factor ** -np.arange(num_points)[::-1].astype(float)
+
+
+def equilibration_time(draws, times, *, rtol: float = 0.05, fractions=np.arange(1, 11) / 20) -> float | None:
+    """The earliest burn-in after which a ``(chains, draws)`` λ̂ trace stops trending.
+
+    For each candidate burn-in ``t = f · times[-1]`` (``f`` in ``fractions``), the draws
+    after t are split into two halves; λ̂ has equilibrated by t when the halves' means
+    differ by at most ``rtol·|mean| + 3`` standard errors of the difference.
+
+    Args:
+      draws: λ̂ per draw, ``(chains, draws)``, finite.
+      times: simulated time of each draw, increasing, ``(draws,)``.
+      rtol: the trend that counts as none, relative to λ̂.
+      fractions: candidate burn-ins as fractions of the run, increasing.
+
+    Returns:
+      The earliest passing burn-in time, or ``None`` if λ̂ trends after every candidate.
+    """
+    draws, times = np.asarray(draws, float), np.asarray(times, float)
+    for f in fractions:
+        rest = draws[:, times >= f * times[-1]]
+        half = rest.shape[1] // 2
+        if half < 4:
+            break
+        first, second = rest[:, :half], rest[:, half:]
+        diff = second.mean() - first.mean()
+        if abs(diff) <= rtol * abs(rest.mean()) + CHECK_Z * math.hypot(_se(first), _se(second)):
+            return float(f * times[-1])
+    return None
+
+
+def _se(draws) -> float:
+    """Standard error of the mean of ``draws`` ``(chains, draws)``: the larger of the
+    chain-spread estimate and numpyro's ESS-based MCSE (either alone is optimistic with few
+    chains or short windows)."""
+    chains = draws.shape[0]
+    spread = float(np.std(draws.mean(axis=1), ddof=1) / math.sqrt(chains)) if chains > 1 else 0.0
+    mcse = mcse_mean(draws) if draws.shape[1] >= 4 else float("nan")
+    return max(spread, mcse) if np.isfinite(mcse) else spread
+
+
+def _pooled(values):
+    """Inverse-variance mean and its standard error of ``[(mean, se), ...]``."""
+    means = np.array([v[0] for v in values])
+    se = np.array([v[1] for v in values])
+    weights = 1.0 / np.maximum(se, 1e-12 * np.abs(means) + 1e-300) ** 2
+    return float(np.sum(weights * means) / np.sum(weights)), float(1.0 / math.sqrt(np.sum(weights)))
+
+
+def calibrate(
+    loss_fn,
+    params,
+    data,
+    key,
+    *,
+    localization,
+    step_sizes=None,
+    nbeta=None,
+    num_chains: int = 4,
+    num_steps: int = 6000,
+    burnin_fraction: float = 0.5,
+    batch_size: int | None = None,
+    sampler="sgld",
+    param_mask=None,
+    rtol: float = 0.05,
+    z: float = 1.0,
+    divergence_threshold: float | None = None,
+    mala: bool | None = None,
+    mesh=None,
+    devices=None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Sweep step sizes (and optionally nβ, γ) in one program and recommend a step size.
+
+    Every group of ``num_chains`` chains starts at w* and samples the localized posterior
+    ``∝ exp(−nβ·L_n(w) − γ/2·‖w − w*‖²)`` (Lau et al., arXiv:2308.12108) with its own step
+    size; groups are compared over the same simulated-time window (module docstring), and
+    the recommendation is the largest step size that is stable and whose λ̂ agrees with the
+    smaller ones within ``rtol``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean per-sample loss.
+      params: w*, a pytree of float arrays.
+      data: pytree of arrays with a leading sample axis (n rows).
+      key: JAX PRNG key (chain i of the program uses ``fold_in(key, i)``).
+      localization: γ ≥ 0, or a sequence of values to sweep.
+      step_sizes: the ε to try (shared by every (nβ, γ) setting); default a grid per
+        setting from :func:`default_step_sizes`.
+      nbeta: nβ, or a sequence to sweep; default ``n / log n``.
+      num_chains: chains per group (more chains sharpen the agreement test: with few, the
+        rule falls back to smaller step sizes, which costs time but not accuracy).
+      num_steps: steps of the program, i.e. of each setting's smallest step size; its
+        simulated time ``T = num_steps · ε_min`` is every group's.
+      burnin_fraction: the part of T before the window (burn-in), in (0, 1).
+      batch_size: gradient minibatch rows; default ``min(256, n)``.
+      sampler: an SGLD-family sampler name or :class:`~slt_jax.samplers.KernelFactory`.
+      param_mask: sample only some parameters (see :func:`slt_jax.estimate_llc`).
+      rtol: relative tolerance: a step size agrees when ``|Δλ̂| + z·se(Δλ̂) ≤ rtol·|λ̂_ref|``.
+      z: standard errors added to the difference in that test.
+      divergence_threshold: runaway bound on ``nβ·(L_B − L_n(w*))``; default per nβ as in
+        :func:`slt_jax.divergence.default_threshold`.
+      mala: run the Metropolis acceptance check (plain SGLD only); default when
+        ``n·d ≤ 5e7`` and the data are not split over devices.
+      mesh, devices: how the chains are split over devices (see :func:`slt_jax.estimate_llc`).
+      chunk_size: steps per compiled chunk.
+      progress: show a progress bar.
+
+    Returns:
+      A :class:`Calibration`.
+    """
+    n = validation.check_data(data)
+    validation.check_params(params)
+    localizations = _values("localization", localization, allow_zero=True)
+    nbetas = [default_nbeta(n) if n > 1 else 1.0] if nbeta is None else _values("nbeta", nbeta)
+    validation.check_positive("num_chains", num_chains, integer=True)
+    validation.check_positive("num_steps", num_steps, integer=True)
+    if not 0 < burnin_fraction < 1:
+        raise ValueError(f"burnin_fraction must lie in (0, 1), got {burnin_fraction!r}")
+    validation.check_positive("rtol", rtol)
+    validation.check_positive("z", z, allow_zero=True)
+    batch_size = min(DEFAULT_BATCH_SIZE, n) if batch_size is None else batch_size
+    validation.check_positive("batch_size", batch_size, integer=True)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
+    kernel = get_kernel(sampler)
+    if step_sizes is not None:
+        step_sizes = sorted(_values("step_sizes", step_sizes))
+        if len(set(step_sizes)) != len(step_sizes):
+            raise ValueError(f"step_sizes has repeated values: {step_sizes}")
+    mesh = sharding.resolve_mesh(mesh, devices)
+
+    params = jax.tree.map(jnp.asarray, params)
+    mask = masks.resolve_mask(param_mask, params)
+    num_sampled = masks.num_sampled(mask, params)
+    first = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
+    validation.check_loss_fn(loss_fn, params, first)
+    reference = _full_batch_loss(loss_fn, params, data, batch_size)
+    if not np.isfinite(float(reference.mean)):
+        raise ValueError(f"loss_fn is not finite at params (L_n(w*) = {float(reference.mean)})")
+    if divergence_threshold is not None:
+        validation.check_positive("divergence_threshold", divergence_threshold)
+    key_grid, key_chains, key_mala = jax.random.split(key, 3)
+
+    # Groups: for each (nβ, γ) setting, its step sizes in increasing order.
+    settings = list(itertools.product(nbetas, localizations))
+    groups = []  # (setting index, ε, nβ, γ)
+    for s, (nb, gamma) in enumerate(settings):
+        grid = step_sizes if step_sizes is not None else default_step_sizes(
+            loss_fn, params, data, key_grid, nbeta=nb, localization=gamma, param_mask=param_mask)
+        groups += [(s, float(eps), nb, gamma) for eps in grid]
+    total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(settings))]
+    window_start = [burnin_fraction * t for t in total_time]
+    shortest = min((total_time[s] - window_start[s]) / eps for s, eps, _, _ in groups)
+    if shortest < 2 * MIN_WINDOW_DRAWS:
+        raise ValueError(
+            f"num_steps={num_steps} leaves the largest step size only {shortest:.0f} steps in its window "
+            f"(simulated time [T_b, T] / ε): raise num_steps above "
+            f"{math.ceil(num_steps * 2 * MIN_WINDOW_DRAWS / shortest)} or narrow step_sizes")
+    steps_per_draw = max(1, int(shortest // MIN_WINDOW_DRAWS))
+
+    num_groups = len(groups)
+    per_chain = lambda values: jnp.repeat(jnp.asarray(values, jnp.float32), num_chains)
+    thresholds = [divergence_threshold if divergence_threshold is not None else
+                  divergence_lib.default_threshold(num_sampled, nb, float(reference.batch_std))
+                  for _, _, nb, _ in groups]
+    config = RunConfig(loss_fn, kernel, batch_size, steps_per_draw, "control_variate", batch_size, mesh)
+    inputs = ChainInputs(
+        step_size=per_chain([g[1] for g in groups]),
+        posterior=LocalPosterior(params, per_chain([g[2] for g in groups]), per_chain([g[3] for g in groups]),
+                                 mask),
+        divergence=divergence_lib.Divergence(reference.mean, per_chain(thresholds)),
+        data=data,
+        eval_data=None,
+    )
+    state, draws = run_chains(key_chains, config, inputs, num_chains=num_groups * num_chains, num_burnin=0,
+                              num_draws=math.ceil(num_steps / steps_per_draw), chunk_size=chunk_size,
+                              progress=progress)
+    llc_all = (np.asarray(draws.batch_loss, np.float64) - np.asarray(draws.center_loss, np.float64))
+    llc_all = llc_all * np.repeat([g[2] for g in groups], num_chains)[:, None]
+    draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
+    diverged_at = np.asarray(state.diverged_at).reshape(num_groups, num_chains)
+
+    if mala is None:
+        mala = n * num_sampled <= MALA_BUDGET and sharding.axis_size(mesh, sharding.DATA) == 1
+    mala = bool(mala) and kernel.name == "sgld"
+    positions = state.kernel_state.position
+
+    rows = []
+    for g, (s, eps, nb, gamma) in enumerate(groups):
+        chains = slice(g * num_chains, (g + 1) * num_chains)
+        window = (draw_steps * eps >= window_start[s]) & (draw_steps * eps <= total_time[s])
+        llc = llc_all[chains][:, window]
+        healthy = (diverged_at[g] < 0) & np.all(np.isfinite(llc_all[chains]), axis=1)
+        with np.errstate(all="ignore"):  # diverged chains: inf or NaN, reported as such
+            per_chain_mean = llc.mean(axis=1)
+        row = {"llc_per_chain": per_chain_mean, "diverged": int(np.sum(~healthy)),
+               "window_draws": int(window.sum()), "mean": float("nan"), "se": float("nan"),
+               "trend": float("nan"), "trend_se": float("nan"), "mala": float("nan")}
+        if healthy.any():
+            good = llc[healthy]
+            half = good.shape[1] // 2
+            row.update(mean=float(good.mean()), se=_se(good),
+                       trend=float(good[:, half:].mean() - good[:, :half].mean()),
+                       trend_se=math.hypot(_se(good[:, :half]), _se(good[:, half:])))
+            if mala:
+                chain_positions = jax.tree.map(lambda x: x[chains][healthy], positions)
+                posterior = LocalPosterior(params, jnp.float32(nb), jnp.float32(gamma), mask)
+                # One block of n rows: within the n·d budget, and a much smaller program.
+                rates = mala_acceptance(loss_fn, data, posterior, chain_positions,
+                                        jax.random.fold_in(key_mala, g), step_size=eps, num_steps=16,
+                                        batch_size=n)
+                row["mala"] = float(np.mean(rates))
+        rows.append(row)
+
+    status, reason = [None] * num_groups, [None] * num_groups
+    choices = []
+    for s, (nb, gamma) in enumerate(settings):
+        members = [g for g in range(num_groups) if groups[g][0] == s]
+        column = lambda name: [rows[g][name] for g in members]
+        verdict = choose_step_size(
+            [groups[g][1] for g in members], column("mean"), column("se"), trend=column("trend"),
+            trend_se=column("trend_se"), mala_acceptance=column("mala"), diverged=column("diverged"),
+            rtol=rtol, z=z)
+        for g, st, why in zip(members, verdict.status, verdict.reason):
+            status[g], reason[g] = st, why
+        choice = {"nbeta": nb, "localization": gamma, "step_size": verdict.step_size, "reason": verdict.why,
+                  "total_time": total_time[s], "window_start": window_start[s], "equilibration_time": None,
+                  "equilibrated": False, "burnin_time": window_start[s]}
+        if verdict.step_size is not None:
+            # The longest-running group that neither diverged nor drifted: its whole run shows
+            # when λ̂ settles (a biased group settles at a shifted level, on the same clock).
+            probe = max((g for g, st in zip(members, verdict.status) if st in ("ok", "biased", "skipped")
+                         and groups[g][1] >= verdict.step_size), key=lambda g: groups[g][1])
+            chains = slice(probe * num_chains, (probe + 1) * num_chains)
+            run_time = num_steps * groups[probe][1]
+            settle = equilibration_time(llc_all[chains][diverged_at[probe] < 0], draw_steps * groups[probe][1],
+                                        rtol=rtol)
+            choice["equilibration_probe"] = groups[probe][1]
+            if settle is None:
+                choice.update(burnin_time=max(window_start[s], run_time), reason=verdict.why + (
+                    f"; but λ̂ still trends over the longest stable run (step size {groups[probe][1]:.3g}, "
+                    f"{run_time:.3g} of simulated time): raise num_steps"))
+            else:
+                choice.update(equilibration_time=settle, equilibrated=True,
+                              burnin_time=max(window_start[s], settle))
+        choices.append(choice)
+
+    return Calibration(
+        step_sizes=np.array([g[1] for g in groups]), nbetas=np.array([g[2] for g in groups]),
+        localizations=np.array([g[3] for g in groups]),
+        llc_mean=np.array([r["mean"] for r in rows]), llc_se=np.array([r["se"] for r in rows]),
+        llc_per_chain=np.stack([r["llc_per_chain"] for r in rows]),
+        trend=np.array([r["trend"] for r in rows]), mala_acceptance=np.array([r["mala"] for r in rows]),
+        diverged_chains=np.array([r["diverged"] for r in rows]),
+        window_draws=np.array([r["window_draws"] for r in rows]),
+        status=tuple(status), reason=tuple(reason), choices=tuple(choices),
+        settings={"num_chains": num_chains, "num_steps": num_steps, "burnin_fraction": burnin_fraction,
+                  "steps_per_draw": steps_per_draw, "batch_size": batch_size, "sampler": kernel.name,
+                  "rtol": rtol, "z": z, "mala": mala, "n": n, "num_sampled": num_sampled,
+                  "default_grid": step_sizes is None,
+                  "divergence_threshold": divergence_threshold},
+    )
+
+
+class StepChoice(NamedTuple):
+    """The verdict on one (nβ, γ) setting's step sizes (see :func:`choose_step_size`).
+
+    Attributes:
+      status: one of :data:`STATUSES` per step size.
+      reason: why, per step size.
+      step_size: the recommended step size, or ``None`` when none is ``"ok"``.
+      why: why that one.
+    """
+
+    status: tuple
+    reason: tuple
+    step_size: float | None
+    why: str
+
+
+def _instability(mean, se, mala) -> str | None:
+    """Why a group is unstable on its own, or ``None``."""
+    if mean < -CHECK_Z * se:
+        return f"λ̂ = {mean:.3g} is significantly negative: w* is not a local minimum here"
+    if mala < MIN_MALA_ACCEPTANCE:
+        return f"MALA acceptance {mala:.2f} < {MIN_MALA_ACCEPTANCE}: far from the continuous-time limit"
+    return None
+
+
+def _drift(trend, trend_se, ref_trend, ref_trend_se, scale, rtol) -> str | None:
+    """Why a group's window trends unlike the reference's, or ``None``.
+
+    At equal simulated time every step size sees the same relaxation of the continuous
+    dynamics, so a trend shared with the reference is slow equilibration (measured later,
+    see :func:`equilibration_time`); a trend of its own is the discretisation drifting away.
+    """
+    excess = trend - ref_trend
+    if abs(excess) > rtol * abs(scale) + CHECK_Z * math.hypot(trend_se, ref_trend_se):
+        return (f"λ̂ trends within the window unlike the smallest stable step size ({excess:+.3g} more "
+                f"from first to second half, se {math.hypot(trend_se, ref_trend_se):.2g}): drifting away")
+    return None
+
+
+def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None, mala_acceptance=None,
+                     diverged=None, rtol: float = 0.05, z: float = 1.0) -> StepChoice:
+    """Classify one setting's step sizes and pick the largest that is stable and agrees.
+
+    A pure function of the per-group summaries, so the rule can be read and tested apart
+    from sampling. Walking up from the smallest step size: diverged groups are
+    ``"diverged"``; groups with a significantly negative λ̂ or a low MALA acceptance are
+    ``"unstable"``; the first stable group is the reference (``"ok"``); a later group whose
+    window trends more than the reference's (by ``rtol·|λ̂_ref|`` plus 3 standard errors) is
+    ``"unstable"`` (drifting away; a trend shared with the reference is slow equilibration,
+    which every step size sees alike at equal simulated time); a later stable group is
+    ``"ok"`` when ``|λ̂ − λ̂_ref| + z·se ≤ rtol·|λ̂_ref|`` against the inverse-variance mean
+    ``λ̂_ref`` of the ``"ok"`` groups below it (``se`` the standard error of the difference),
+    else ``"biased"``. After the first failure above the reference, agreeing groups are
+    ``"skipped"``: bias grows with ε, so agreement above a failure is luck.
+
+    Args:
+      step_sizes: increasing step sizes, shape ``(k,)``.
+      llc_mean, llc_se: λ̂ and its standard error per step size (NaN where every chain
+        diverged).
+      trend, trend_se: second-half minus first-half mean of the window, and its standard
+        error (default 0: not checked); compared with the reference's.
+      mala_acceptance: Metropolis acceptance per step size (default NaN: not checked).
+      diverged: diverged chains per step size (default 0).
+      rtol: relative tolerance of the agreement test.
+      z: standard errors added to the difference in that test.
+
+    Returns:
+      A :class:`StepChoice`.
+    """
+    step_sizes = np.asarray(step_sizes, float)
+    k = step_sizes.size
+    if step_sizes.ndim != 1 or k == 0 or np.any(np.diff(step_sizes) <= 0):
+        raise ValueError(f"step_sizes must be a non-empty increasing 1-D sequence, got {step_sizes}")
+    fill = lambda x, v: np.full(k, v, float) if x is None else np.asarray(x, float)
+    mean, se = fill(llc_mean, np.nan), fill(llc_se, np.nan)
+    trend, trend_se = fill(trend, 0.0), fill(trend_se, 0.0)
+    mala, diverged = fill(mala_acceptance, np.nan), fill(diverged, 0.0)
+    for name, x in (("llc_mean", mean), ("llc_se", se), ("trend", trend), ("trend_se", trend_se),
+                    ("mala_acceptance", mala), ("diverged", diverged)):
+        if x.shape != (k,):
+            raise ValueError(f"{name} must have shape ({k},) like step_sizes, got {x.shape}")
+
+    status, reason = [None] * k, [None] * k
+    accepted, failed_at, first = [], None, None
+    for g in range(k):
+        if diverged[g] > 0 or not np.isfinite(mean[g]):
+            status[g], reason[g] = "diverged", f"{int(diverged[g])} chain(s) diverged"
+        elif (why := _instability(mean[g], se[g], mala[g])) is not None:
+            status[g], reason[g] = "unstable", why
+        elif first is None:
+            status[g], reason[g] = "ok", "reference: the smallest stable step size"
+            accepted.append((mean[g], se[g]))
+            first = g
+            continue
+        elif (why := _drift(trend[g], trend_se[g], trend[first], trend_se[first], mean[first], rtol)) is not None:
+            status[g], reason[g] = "unstable", why
+        else:
+            ref, ref_se = _pooled(accepted)
+            diff, diff_se = mean[g] - ref, math.hypot(se[g], ref_se)
+            text = (f"λ̂ {diff / ref:+.1%} from the smaller step sizes' {ref:.4g} "
+                    f"(se of the difference {abs(diff_se / ref):.1%}, tolerance {rtol:.0%})")
+            if abs(diff) + z * diff_se > rtol * abs(ref):
+                status[g], reason[g] = "biased", text
+            elif failed_at is None:
+                status[g], reason[g] = "ok", text
+                accepted.append((mean[g], se[g]))
+                continue
+            else:
+                status[g], reason[g] = "skipped", f"{text}; above the failed step size {failed_at:.3g}"
+                continue
+        if accepted and failed_at is None:
+            failed_at = step_sizes[g]
+
+    ok = [g for g in range(k) if status[g] == "ok"]
+    if not ok:
+        return StepChoice(tuple(status), tuple(reason), None,
+                          "every step size diverged or was unstable: lower step_sizes, or check that w* "
+                          "is a minimum")
+    best = ok[-1]
+    if len(ok) == 1:
+        why = "the only stable step size: nothing smaller to check it against — extend step_sizes down"
+    else:
+        why = f"the largest stable step size within {rtol:.0%} of the smaller ones"
+    if best + 1 < k:
+        why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
+    return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why)

@@ -1,0 +1,261 @@
+"""Step-size calibration: the decision rule on synthetic summaries, the pick against NUTS on a
+model whose SGLD bias is known exactly, and step_size="auto" on deep linear networks against
+Aoyagi's λ (REFERENCE.md §3)."""
+
+import functools
+import json
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import slt_jax
+from slt_jax.calibration import (
+    GRID_FACTOR,
+    GRID_POINTS,
+    CalibrationError,
+    calibrate,
+    choose_step_size,
+    default_step_sizes,
+    equilibration_time,
+)
+from slt_jax.groundtruth import dln_learning_coefficient
+from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
+
+# ---------------------------------------------------------------------------------------------
+# The decision rule alone (no sampling).
+
+
+def test_rule_picks_the_largest_step_that_agrees_and_stops_at_the_first_failure():
+    eps = [1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4]
+    # 8e-5 is 10 % high; 1.6e-4 agrees again by luck, but lies above a failure.
+    choice = choose_step_size(eps, [10.0, 10.1, 10.2, 11.0, 10.1], [0.1] * 5, rtol=0.05, z=1.0)
+    assert choice.status == ("ok", "ok", "ok", "biased", "skipped")
+    assert choice.step_size == 4e-5
+    assert "8e-05, is biased" in choice.why
+
+
+def test_rule_needs_the_difference_plus_its_error_inside_the_tolerance():
+    # The same 2 % difference passes with a 1 % error and fails with a 4 % error: a noisy
+    # group cannot pass by being noisy.
+    precise = choose_step_size([1e-5, 2e-5], [10.0, 10.2], [0.07, 0.07], rtol=0.05, z=1.0)
+    noisy = choose_step_size([1e-5, 2e-5], [10.0, 10.2], [0.3, 0.3], rtol=0.05, z=1.0)
+    assert precise.step_size == 2e-5 and noisy.step_size == 1e-5
+    assert noisy.status == ("ok", "biased")
+
+
+def test_rule_flags_divergence_trends_negative_llc_and_low_acceptance():
+    eps = [1e-5, 2e-5, 4e-5, 8e-5]
+    choice = choose_step_size(eps, [10.0, 10.0, -3.0, 10.0], [0.1] * 4, trend=[0.0, 3.0, 0.0, 0.0],
+                              trend_se=[0.1] * 4, diverged=[0, 0, 0, 2], rtol=0.05)
+    assert choice.status == ("ok", "unstable", "unstable", "diverged")
+    assert "trends" in choice.reason[1] and "negative" in choice.reason[2]
+    assert choice.step_size == 1e-5 and "nothing smaller" in choice.why
+    low = choose_step_size(eps[:2], [10.0, 10.0], [0.1, 0.1], mala_acceptance=[0.99, 0.4])
+    assert low.status == ("ok", "unstable") and "MALA" in low.reason[1]
+    # A diverged smallest step does not stop the walk: the reference is the first stable one.
+    later = choose_step_size(eps[:3], [np.nan, 10.0, 10.1], [np.nan, 0.05, 0.05], diverged=[4, 0, 0])
+    assert later.status == ("diverged", "ok", "ok") and later.step_size == 4e-5
+
+
+def test_rule_with_nothing_stable_recommends_nothing():
+    choice = choose_step_size([1e-5, 2e-5], [np.nan, np.nan], [np.nan, np.nan], diverged=[3, 4])
+    assert choice.step_size is None and "every step size" in choice.why
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(step_sizes=[2e-5, 1e-5]), "increasing"),
+        (dict(llc_mean=[1.0]), "llc_mean must have shape"),
+        (dict(trend=[0.0, 0.0, 0.0]), "trend must have shape"),
+    ],
+)
+def test_rule_bad_input_names_the_argument(kwargs, match):
+    args = dict(step_sizes=[1e-5, 2e-5], llc_mean=[1.0, 1.0], llc_se=[0.1, 0.1]) | kwargs
+    with pytest.raises(ValueError, match=match):
+        choose_step_size(args.pop("step_sizes"), args.pop("llc_mean"), args.pop("llc_se"), **args)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_equilibration_time_finds_the_end_of_a_transient_and_refuses_a_drift(seed):
+    rng = np.random.default_rng(seed)
+    times = np.linspace(0.0, 10.0, 2000)
+    noise = rng.normal(0.0, 0.5, (8, times.size))  # independent draws: se ≈ 0.5 / √(8·draws)
+    relaxing = 10.0 * (1.0 - np.exp(-times / 0.5)) + noise  # settles (to 0.1 %) by t ≈ 3.5
+    settle = equilibration_time(relaxing, times, rtol=0.01)
+    assert settle is not None and 0.5 <= settle <= 3.5
+    drifting = 10.0 + 0.5 * times + noise  # +25 % between the halves of any tail
+    assert equilibration_time(drifting, times, rtol=0.01) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# A Gaussian model, where SGLD's bias at every step size is known exactly.
+#
+# L(w) = ½ Σ h_i w_i² does not depend on the data, so SGLD's gradient is exact and each
+# coordinate is an AR(1) chain w' = (1 − εa/2)·w + √ε·ξ, a = nβh + γ, whose stationary variance
+# is 1/(a(1 − εa/4)): the SGLD estimand at ε is ½ Σ nβh / (a(1 − εa/4)) with no sampling error.
+
+D = 100
+H = np.geomspace(1.0, 3.0, D)
+NBETA, GAMMA = 1000.0, 1.0
+PRECISION = NBETA * H + GAMMA
+# Step sizes a factor 2 apart; the SGLD bias runs from +0.5 % to +18 %.
+GRID = 0.15 / PRECISION.mean() * 2.0 ** np.arange(-3, 3)
+RTOL = 0.05
+
+
+def _gaussian_loss(w, batch):
+    return 0.5 * jnp.sum(jnp.asarray(H, jnp.float32) * w**2) + 0.0 * jnp.mean(batch)
+
+
+def _sgld_estimand(step_size):
+    return 0.5 * np.sum(NBETA * H / (PRECISION * (1.0 - step_size * PRECISION / 4.0)))
+
+
+@pytest.fixture(scope="module")
+def nuts_reference():
+    return slt_jax.estimate_llc(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(42),
+                                sampler="nuts", step_size=1e-3, localization=GAMMA, nbeta=NBETA,
+                                num_chains=8, num_draws=300, num_burnin=200, progress=False)
+
+
+def test_nuts_reference_is_the_exact_posterior_value(nuts_reference):
+    exact = _sgld_estimand(0.0)
+    # NUTS has no discretisation bias: 4 of its own standard errors.
+    assert abs(nuts_reference.llc_mean - exact) < 4 * nuts_reference.llc_se, (nuts_reference.llc_mean, exact)
+    assert nuts_reference.llc_se < 0.01 * exact
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pick_is_within_one_grid_point_of_the_largest_step_agreeing_with_nuts(seed, nuts_reference):
+    target = nuts_reference.llc_mean
+    agrees = [abs(_sgld_estimand(eps) / target - 1) <= RTOL for eps in GRID]
+    best = max(i for i, ok in enumerate(agrees) if ok)
+    # The test can fail: the smallest step (what a timid rule would pick) is ≥ 2 points below.
+    assert best >= 2 and not agrees[-1]
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(seed),
+                    localization=GAMMA, nbeta=NBETA, step_sizes=GRID, batch_size=1, num_steps=6000,
+                    num_chains=16, rtol=RTOL, progress=False)
+    picked = int(np.argmin(np.abs(GRID - cal.recommended())))
+    assert abs(picked - best) <= 1, (cal, best)
+    assert cal.status[-1] in ("biased", "unstable", "diverged", "skipped")
+    assert np.all(np.isfinite(cal.mala_acceptance)) and cal.mala_acceptance[0] > cal.mala_acceptance[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep linear networks at the aligned rank-2 point: λ = Aoyagi's 8, multiplicity 1.
+
+WIDTHS, RANK, N = (5, 3, 4), 2, 10_000
+_dln_loss = functools.partial(dln_loss, sigma=1.0)  # one object: every run shares its programs
+RUN = dict(localization=1.0, batch_size=100, num_chains=16, chunk_size=500, progress=False)
+
+
+def _dln(seed):
+    teacher = dln_teacher(jax.random.key(seed), WIDTHS, RANK)
+    return teacher, dln_data(jax.random.key(1000 + seed), teacher, N)
+
+
+def test_dln_ground_truth_has_multiplicity_one():
+    assert dln_learning_coefficient(WIDTHS, RANK) == (8, 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_auto_step_size_lands_within_ten_percent_of_aoyagi_where_a_large_step_does_not(seed):
+    teacher, data = _dln(seed)
+    lam = float(dln_learning_coefficient(WIDTHS, RANK).lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", slt_jax.DivergenceWarning)
+        large = slt_jax.estimate_llc(_dln_loss, teacher, data, jax.random.key(seed), step_size=5e-4,
+                                     num_burnin=500, num_draws=500, **RUN)
+    # The fixed large step is unusable: chains diverge, or λ̂ is off by more than 10 % plus
+    # 2 of its standard errors.
+    assert large.diverged_chains or abs(large.llc_mean / lam - 1) > 0.1 + 2 * large.llc_se / lam, large
+    auto = slt_jax.estimate_llc(_dln_loss, teacher, data, jax.random.key(seed), step_size="auto", **RUN)
+    # Tolerance: the acceptance criterion, 10 %, is over 3 standard errors of the final λ̂
+    # (16 chains over the calibrated simulated time); the seeds are not chosen.
+    assert auto.llc_se < 0.033 * lam
+    assert abs(auto.llc_mean / lam - 1) < 0.1, auto
+    record = auto.settings["calibration"]
+    assert record["step_size"] == auto.settings["step_size"]
+    assert record["step_size"] < 5e-4 and record["reason"]
+    assert auto.settings["num_burnin"] >= math.ceil(record["burnin_time"] / record["step_size"])
+    assert len(record["table"]) == 4 and json.dumps(auto.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid, bookkeeping and errors.
+
+
+def test_default_grid_sits_below_the_stiffness_scale():
+    # Regular model: ε_top = 1/(nβ·h_max + γ) (the Hessian is constant); 30 power iterations
+    # resolve h_max = 3 from its neighbour 2.97 to well within 1 %.
+    grid = default_step_sizes(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0),
+                              nbeta=NBETA, localization=GAMMA)
+    top = 1.0 / PRECISION.max()
+    np.testing.assert_allclose(grid, top * GRID_FACTOR ** np.arange(1.0 - GRID_POINTS, 1.0), rtol=1e-2)
+
+
+def test_default_grid_finds_the_scale_where_the_hessian_at_w_star_vanishes():
+    # K = w⁴ at w* = 0: zero Hessian there; the typical posterior point carries the stiffness.
+    def quartic(w, batch):
+        return jnp.sum(w**4) + 0.0 * jnp.mean(batch)
+
+    grid = default_step_sizes(quartic, jnp.zeros(2), jnp.zeros((8, 1)), jax.random.key(0), nbeta=1e4,
+                              localization=1.0)
+    assert np.all(np.isfinite(grid)) and grid[-1] < 0.5  # not the γ-only scale 1/γ = 1
+    assert grid[-1] > 1e-5
+
+
+def test_schedule_plot_and_json(tmp_path):
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), localization=GAMMA,
+                    nbeta=NBETA, step_sizes=GRID, batch_size=1, num_steps=6000, num_chains=16, rtol=RTOL,
+                    progress=False)
+    eps = cal.recommended()
+    choice = cal.choice()
+    assert choice["total_time"] == pytest.approx(6000 * GRID[0])
+    burnin, draws = cal.schedule(eps)
+    assert burnin * eps == pytest.approx(choice["burnin_time"], rel=1e-3)
+    assert draws * eps == pytest.approx(choice["total_time"] - choice["window_start"], rel=1e-3)
+    assert choice["equilibrated"] and choice["burnin_time"] >= choice["window_start"]
+    assert cal.schedule(eps, steps_per_draw=4)[1] == math.ceil(draws / 4)
+    cal.plot(tmp_path / "cal.png", reference=_sgld_estimand(0.0))
+    assert (tmp_path / "cal.png").stat().st_size > 0
+    saved = json.loads(cal.to_json(tmp_path / "cal.json"))
+    assert saved["choices"][0]["step_size"] == eps and len(saved["table"]) == len(GRID)
+    assert "| step size |" in str(cal)
+
+
+def test_nothing_passing_raises_calibration_error():
+    # Every step size is beyond the stability limit 4/a of the stiffest direction (the grid's
+    # shape is the pick test's, so the compiled program is shared).
+    unstable = GRID * 5.0 / (GRID[0] * PRECISION.max())
+    assert unstable[0] > 4.0 / PRECISION.max()
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), localization=GAMMA,
+                    nbeta=NBETA, step_sizes=unstable, batch_size=1, num_steps=6000, num_chains=16,
+                    progress=False)
+    assert set(cal.status) == {"diverged"}
+    with pytest.raises(CalibrationError, match="no step size passed"):
+        cal.recommended()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(step_sizes=[1e-5, -1e-5]), "step_sizes"),
+        (dict(step_sizes=[1e-5, 1e-5]), "repeated"),
+        (dict(step_sizes=[1e-8, 1e-3], num_steps=100), "raise num_steps above"),
+        (dict(burnin_fraction=1.0), "burnin_fraction"),
+        (dict(localization=[]), "localization is an empty sequence"),
+        (dict(nbeta=0.0), "nbeta"),
+        (dict(num_chains=0), "num_chains"),
+        (dict(batch_size=9), "batch_size=9 is larger"),
+    ],
+)
+def test_bad_settings_name_the_argument(kwargs, match):
+    args = dict(localization=1.0, step_sizes=[1e-5, 2e-5], num_steps=1000, progress=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), **args)
