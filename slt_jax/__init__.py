@@ -5,6 +5,7 @@ statistics → estimators → results, plots and the ``slt-jax`` command.
 """
 
 from slt_jax import groundtruth, models
+from slt_jax.calibration import Calibration, CalibrationError, CalibrationWarning, calibrate
 from slt_jax.checkpoints import CheckpointTrajectory, list_steps
 from slt_jax.divergence import DivergenceError, DivergenceWarning
 from slt_jax.early_warning import EarlyWarning, early_warning
@@ -30,32 +31,45 @@ from slt_jax.plots import plot_early_warning, plot_llc_curve, plot_llc_vs_step_s
 from slt_jax.results import LLCResult
 from slt_jax.results_store import ResultsStore
 from slt_jax.samplers import KernelFactory, SamplingAlgorithm
+from slt_jax.sharding import make_mesh
 from slt_jax.stages import Stages, detect_stages
+from slt_jax.temperature import FreeEnergyResult, estimate_free_energy
+from slt_jax.trajectory import LLCCurve, escaped_chains, llc_trajectory
 
 __all__ = [
+    "Calibration",
+    "CalibrationError",
+    "CalibrationWarning",
     "ChainDiagnostics",
     "CheckpointTrajectory",
     "DivergenceError",
     "DivergenceWarning",
     "EarlyWarning",
+    "FreeEnergyResult",
     "KernelFactory",
+    "LLCCurve",
     "LLCResult",
     "ResultsStore",
     "SamplingAlgorithm",
     "Stages",
     "beta_ladder",
+    "calibrate",
     "chain_diagnostics",
     "detect_stages",
     "dln_learning_coefficient",
     "early_warning",
     "effective_sample_size",
+    "escaped_chains",
     "ess_per_chain",
+    "estimate_free_energy",
     "estimate_llc",
     "groundtruth",
     "list_steps",
     "llc_from_slope",
     "llc_from_two_temperatures",
     "llc_from_variance",
+    "llc_trajectory",
+    "make_mesh",
     "mcse_mean",
     "models",
     "plot_early_warning",
