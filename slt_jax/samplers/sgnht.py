@@ -13,7 +13,10 @@ that ``ε`` plays the role of SGLD's step size (increments of size ``√ε``)::
 The thermostat ζ is a per-step friction that rises while the kinetic temperature
 ``T = ‖u‖²/(d·ε)`` exceeds 1 and falls while it is below: it absorbs the unknown extra heat
 of minibatch gradients (variance ``σ²`` per coordinate of ∇U) and settles at
-``ζ ≈ D + ε·σ²/2``, which keeps the chain at the target temperature.
+``ζ ≈ D + ε·σ²/2``, which keeps the chain at the target temperature. It moves by
+``ε·(T − 1)`` per step, so absorbing that heat takes about ``σ²/2`` steps whatever ε: with
+large minibatch noise (say nβ = 1000, batch 100: σ² ~ 10⁴) a short burn-in leaves the chain
+hot and λ̂ high — check that ``sampler_stats["kinetic_temperature"]`` is close to 1.
 """
 
 import functools
