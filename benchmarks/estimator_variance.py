@@ -11,8 +11,8 @@ nβ = n / log n, batch 100 — and its λ̂ estimated many times with independen
      intervals λ̂ ± 1.96·se: how often they contain the reference value.
   2. **Samplers at equal cost.** ``sgld`` and every other SGLD-family kernel registered in
      ``slt_jax.samplers.KERNELS`` (``rmsprop_sgld``, ``sgnht``), each at the step size its
-     own calibration chose (``slt_jax.calibration.calibrate(sampler=...)`` over 7 step sizes
-     a factor 2 apart, from the default grid's top down 64-fold: RMSProp-SGLD's
+     own calibration chose (``slt_jax.calibration.calibrate(sampler=...)``, 8 chains per step
+     size, over 7 step sizes a factor 2 apart, from the default grid's top down 64-fold: RMSProp-SGLD's
      preconditioner multiplies the step by up to 10 near a minimum, so its scale is not
      SGLD's), all with the same chains × steps: bias against the reference, spread, coverage.
   3. **Control variate against the plain minibatch estimator** on the same chains (same
@@ -150,8 +150,8 @@ def main(argv=None):
     for name in KERNELS:
         try:
             cal = calibrate(_LOSS, params, data, jax.random.fold_in(key, 1), localization=LOCALIZATION,
-                            step_sizes=grid, num_steps=24_000, batch_size=BATCH_SIZE, sampler=name,
-                            progress=False)
+                            step_sizes=grid, num_steps=24_000, num_chains=8, batch_size=BATCH_SIZE,
+                            sampler=name, progress=False)
             steps_sizes[name] = cal.recommended()
         except CalibrationError as error:
             steps_sizes[name] = None
