@@ -361,17 +361,23 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
     return top_step * factor ** -np.arange(num_points)[::-1].astype(float)
 
 
-def equilibration_time(draws, times, *, rtol: float = 0.05, fractions=np.arange(1, 11) / 20) -> float | None:
+def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
+                       fractions=np.arange(1, 11) / 20) -> float | None:
     """The earliest burn-in after which a ``(chains, draws)`` λ̂ trace stops trending.
 
     For each candidate burn-in ``t = f · times[-1]`` (``f`` in ``fractions``), the draws
     after t are split into two halves; λ̂ has equilibrated by t when the halves' means
-    differ by at most ``rtol·|mean| + 3`` standard errors of the difference.
+    differ by at most ``rtol·|mean|`` *including* ``z`` standard errors of the difference
+    (as in the agreement test: a noisy trace cannot pass by being noisy). The difference
+    is taken chain by chain (its standard error from the spread of the chains' differences):
+    chains that sit at different levels for a long time — the slow modes of singular
+    posteriors — do not hide a shared climb.
 
     Args:
       draws: λ̂ per draw, ``(chains, draws)``, finite.
       times: simulated time of each draw, increasing, ``(draws,)``.
       rtol: the trend that counts as none, relative to λ̂.
+      z: standard errors added to the trend in that test.
       fractions: candidate burn-ins as fractions of the run, increasing.
 
     Returns:
@@ -384,8 +390,12 @@ def equilibration_time(draws, times, *, rtol: float = 0.05, fractions=np.arange(
         if half < 4:
             break
         first, second = rest[:, :half], rest[:, half:]
-        diff = second.mean() - first.mean()
-        if abs(diff) <= rtol * abs(rest.mean()) + CHECK_Z * math.hypot(_se(first), _se(second)):
+        paired = second.mean(axis=1) - first.mean(axis=1)
+        if paired.size > 1:
+            se = float(np.std(paired, ddof=1) / math.sqrt(paired.size))
+        else:
+            se = math.hypot(_se(first), _se(second))
+        if abs(paired.mean()) + z * se <= rtol * abs(rest.mean()):
             return float(f * times[-1])
     return None
 
@@ -596,7 +606,7 @@ def calibrate(
             chains = slice(probe * num_chains, (probe + 1) * num_chains)
             run_time = num_steps * groups[probe][1]
             settle = equilibration_time(llc_all[chains][diverged_at[probe] < 0], draw_steps * groups[probe][1],
-                                        rtol=rtol)
+                                        rtol=rtol, z=z)
             choice["equilibration_probe"] = groups[probe][1]
             if settle is None:
                 choice.update(burnin_time=max(window_start[s], run_time), reason=verdict.why + (
