@@ -68,6 +68,7 @@ from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.mala import mala_acceptance
 from slt_jax.plots import plot_llc_vs_step_size
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss, minibatch
+from slt_jax.results import json_safe
 from slt_jax.samplers import get_kernel
 
 DEFAULT_BATCH_SIZE = 256
@@ -177,7 +178,7 @@ class Calibration:
 
     def summary(self, nbeta=None, localization=None) -> dict:
         """What an estimate records: the choice for one setting, why, and the whole table."""
-        return _json_safe({**self.choice(nbeta, localization), "table": self.table(), "settings": self.settings})
+        return json_safe({**self.choice(nbeta, localization), "table": self.table(), "settings": self.settings})
 
     def table(self) -> list[dict]:
         """One dict per group: step size, nβ, γ, λ̂, se, status, reason and the checks."""
@@ -193,7 +194,7 @@ class Calibration:
 
     def to_dict(self) -> dict:
         """A JSON-ready summary: the table, the choices and the settings."""
-        return _json_safe({"table": self.table(), "choices": list(self.choices), "settings": self.settings})
+        return json_safe({"table": self.table(), "choices": list(self.choices), "settings": self.settings})
 
     def to_json(self, path=None) -> str:
         """Serialise :meth:`to_dict`; also write it to ``path`` if given."""
@@ -246,18 +247,6 @@ class Calibration:
             step = "none" if c["step_size"] is None else f"{c['step_size']:.3g}"
             lines.append(f"\nnβ = {c['nbeta']:.4g}, γ = {c['localization']:.3g}: step size {step} — {c['reason']}")
         return "\n".join(lines)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    return value
 
 
 def _values(name, value, *, allow_zero=False) -> list[float]:

@@ -27,14 +27,6 @@ DEFAULT_BATCH_SIZE = 256
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
 
-def _key_data(key):
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key)).tolist()
-    if isinstance(key, jax.Array) and key.dtype == jnp.uint32:
-        return np.asarray(key).tolist()
-    raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
-
-
 @dataclasses.dataclass(frozen=True)
 class _PrecisionLoss:
     """``loss_fn`` evaluated at ``compute_dtype``, its value returned at ``dtype``.
@@ -187,22 +179,16 @@ def estimate_llc(
     if nbeta is None:
         nbeta = default_nbeta(n) if n > 1 else 1.0
     validation.check_positive("nbeta", nbeta)
-    validation.check_positive("num_chains", num_chains, integer=True)
-    validation.check_positive("num_draws", num_draws, integer=True)
-    validation.check_positive("num_burnin", num_burnin, integer=True, allow_zero=True)
-    validation.check_positive("steps_per_draw", steps_per_draw, integer=True)
-    batch_size = min(DEFAULT_BATCH_SIZE, n) if batch_size is None else batch_size
-    validation.check_positive("batch_size", batch_size, integer=True)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
+    batch_size = validation.check_run_settings(
+        n, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+        steps_per_draw=steps_per_draw, batch_size=batch_size, on_divergence=on_divergence,
+        default_batch_size=DEFAULT_BATCH_SIZE)
     if loss_estimator not in LOSS_ESTIMATORS:
         raise ValueError(f"loss_estimator={loss_estimator!r} is not one of {LOSS_ESTIMATORS}")
-    if on_divergence not in ("warn", "raise"):
-        raise ValueError(f"on_divergence={on_divergence!r} must be 'warn' or 'raise'")
     kernel = get_kernel(sampler)
     if mala and kernel.name != "sgld":
         raise ValueError(f"mala=True checks SGLD proposals; it does not apply to sampler={kernel.name!r}")
-    key_data = _key_data(key)
+    key_data = validation.key_data(key)
     dtype, compute_dtype = _check_dtypes(dtype, compute_dtype)
     mesh = sharding.resolve_mesh(mesh, devices)
     calibration = step_size if isinstance(step_size, Calibration) else None

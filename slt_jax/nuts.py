@@ -45,12 +45,6 @@ class NUTSDraws(NamedTuple):
     stats: dict
 
 
-def _key_list(key):
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.asarray(key).tolist()
-
-
 def _embedding(params, mask):
     """Flat sampled coordinates ``z`` ↔ parameter pytree, the rest frozen at ``params``."""
     flat_center, unravel = ravel_pytree(params)
@@ -155,18 +149,10 @@ def estimate_llc_nuts(loss_fn, params, data, key, *, localization, nbeta=None, s
     validation.check_positive("localization", localization, allow_zero=True)
     nbeta = (default_nbeta(n) if n > 1 else 1.0) if nbeta is None else nbeta
     validation.check_positive("nbeta", nbeta)
-    for name, value in (("num_chains", num_chains), ("num_draws", num_draws),
-                        ("steps_per_draw", steps_per_draw)):
-        validation.check_positive(name, value, integer=True)
-    validation.check_positive("num_burnin", num_burnin, integer=True, allow_zero=True)
-    if num_draws < 4:
-        raise ValueError(f"num_draws must be at least 4 for NUTS diagnostics, got {num_draws}")
-    if on_divergence not in ("warn", "raise"):
-        raise ValueError(f"on_divergence={on_divergence!r} must be 'warn' or 'raise'")
-    batch_size = min(DEFAULT_BATCH_SIZE, n) if batch_size is None else batch_size
-    validation.check_positive("batch_size", batch_size, integer=True)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
+    batch_size = validation.check_run_settings(
+        n, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+        steps_per_draw=steps_per_draw, batch_size=batch_size, on_divergence=on_divergence,
+        default_batch_size=DEFAULT_BATCH_SIZE, min_draws=4)
     params = jax.tree.map(jnp.asarray, params)
     mask = masks.resolve_mask(param_mask, params)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
@@ -208,7 +194,7 @@ def estimate_llc_nuts(loss_fn, params, data, key, *, localization, nbeta=None, s
         "eval_data": eval_data is not None, "n": n, "n_eval": n_eval, "num_params": num_params,
         "num_sampled": masks.num_sampled(mask, params),
         "param_mask": param_mask if isinstance(param_mask, str) or param_mask is None else "pytree",
-        "key": _key_list(key), "jax_version": jax.__version__,
+        "key": validation.key_data(key), "jax_version": jax.__version__,
     }
     return LLCResult(
         llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se,

@@ -7,15 +7,16 @@ from typing import Any
 import numpy as np
 
 
-def _json_safe(value):
+def json_safe(value):
+    """Plain JSON types: containers recursed, arrays as lists, numpy scalars as Python, non-finite floats as None."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "to_dict"):
-        return _json_safe(value.to_dict())
+        return json_safe(value.to_dict())
     if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
-        return _json_safe(np.asarray(value).tolist())
+        return json_safe(np.asarray(value).tolist())
     if isinstance(value, (np.floating, float)):
         value = float(value)
         return value if np.isfinite(value) else None
@@ -73,7 +74,7 @@ class LLCResult:
         """A JSON-serialisable dict; traces (chains × draws arrays) only if ``traces``."""
         skip = () if traces else ("loss_trace", "llc_trace", "distance_trace")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        return _json_safe(out)
+        return json_safe(out)
 
     def to_json(self, path=None, traces: bool = False) -> str:
         """Serialise with :meth:`to_dict`; also write to ``path`` if given."""

@@ -24,7 +24,7 @@ from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
 from slt_jax.estimators import free_energy as fe
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.posterior import LocalPosterior, full_batch_loss
-from slt_jax.results import _json_safe
+from slt_jax.results import json_safe
 from slt_jax.samplers import get_kernel
 
 DEFAULT_BATCH_SIZE = 256
@@ -100,7 +100,7 @@ class FreeEnergyResult:
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of every field."""
-        return _json_safe({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return json_safe({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def to_json(self, path=None) -> str:
         """Serialise with :meth:`to_dict`; also write to ``path`` if given."""
@@ -156,15 +156,6 @@ def _power_iteration(loss_fn, params, data, sampled, v0, batch_size, num_iters):
 
     v = jax.lax.fori_loop(0, num_iters, body, v0)
     return jnp.abs(jnp.vdot(v, hvp(v)))
-
-
-def _key_list(key) -> list:
-    """The key's data as a JSON-ready list; a ValueError for anything but a JAX PRNG key."""
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key)).tolist()
-    if isinstance(key, jax.Array) and key.dtype == jnp.uint32:
-        return np.asarray(key).tolist()
-    raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
 
 
 def _wbic_grid(n: int) -> np.ndarray:
@@ -260,25 +251,17 @@ def estimate_free_energy(
         raise ValueError(f"data has n={n} rows; the temperature β* = 1/log n needs n >= 3")
     num_params = validation.check_params(params)
     validation.check_positive("localization", localization)
-    for name, value in (("num_chains", num_chains), ("num_draws", num_draws),
-                        ("steps_per_draw", steps_per_draw)):
-        validation.check_positive(name, value, integer=True)
-    validation.check_positive("num_burnin", num_burnin, integer=True, allow_zero=True)
-    if num_draws < 4:
-        raise ValueError(f"num_draws must be at least 4 (split R-hat needs them), got {num_draws}")
+    batch_size = validation.check_run_settings(
+        n, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+        steps_per_draw=steps_per_draw, batch_size=batch_size, on_divergence=on_divergence,
+        default_batch_size=DEFAULT_BATCH_SIZE, min_draws=4)
     if step_size is not None:
         validation.check_positive("step_size", step_size)
-    batch_size = min(DEFAULT_BATCH_SIZE, n) if batch_size is None else batch_size
-    validation.check_positive("batch_size", batch_size, integer=True)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
     if loss_estimator not in LOSS_ESTIMATORS:
         raise ValueError(f"loss_estimator={loss_estimator!r} is not one of {LOSS_ESTIMATORS}")
-    if on_divergence not in ("warn", "raise"):
-        raise ValueError(f"on_divergence={on_divergence!r} must be 'warn' or 'raise'")
     user_betas = None if betas is None else _check_betas(betas)
     kernel = get_kernel(sampler)
-    key_data = _key_list(key)
+    key_data = validation.key_data(key)
 
     params = jax.tree.map(jnp.asarray, params)
     mask = masks.resolve_mask(param_mask, params)

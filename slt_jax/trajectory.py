@@ -283,15 +283,6 @@ def _json_ready(value):
     return value
 
 
-def _key_data(key) -> list:
-    """The key's raw bits (new-style typed keys and legacy uint32 keys alike)."""
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key)).tolist()
-    if isinstance(key, jax.Array) and key.dtype == np.uint32:
-        return np.asarray(key).tolist()
-    raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
-
-
 def _infer_template(directory, step: int, item: str | None, select):
     """The parameter shapes of one checkpoint, from its metadata (nothing is restored)."""
     paths = {ocp.utils.step_from_checkpoint_name(p.name): p
@@ -345,7 +336,7 @@ def _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, sele
     settings = {
         "checkpoint_dir": os.path.abspath(os.fspath(checkpoint_dir)), "item": item,
         "select": None if select is None else getattr(select, "__qualname__", repr(select)),
-        "key": _key_data(key), "n": n, "step_size": step_size, "nbeta": nbeta,
+        "key": validation.key_data(key), "n": n, "step_size": step_size, "nbeta": nbeta,
         "localization": localization,
     }
     for name in _SAMPLER_SETTINGS:

@@ -72,3 +72,32 @@ def check_loss_fn(loss_fn, params, batch, name: str = "data"):
         raise ValueError(f"loss_fn must return a scalar (the mean loss over the batch), got shape {shape}")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return a floating-point scalar, got dtype {out.dtype}")
+
+
+def key_data(key) -> list:
+    """The raw bits of a JAX PRNG key (typed or legacy uint32) as a JSON-ready list.
+
+    Raises a ValueError naming ``key`` for anything else (an int seed, say).
+    """
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(key)).tolist()
+    if isinstance(key, jax.Array) and key.dtype == jnp.uint32:
+        return np.asarray(key).tolist()
+    raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
+
+
+def check_run_settings(n: int, *, num_chains, num_draws, num_burnin, steps_per_draw, batch_size,
+                       on_divergence, default_batch_size: int, min_draws: int = 1) -> int:
+    """The checks every sampling entry point shares; returns the batch size (default filled in)."""
+    for name, value in (("num_chains", num_chains), ("num_draws", num_draws), ("steps_per_draw", steps_per_draw)):
+        check_positive(name, value, integer=True)
+    check_positive("num_burnin", num_burnin, integer=True, allow_zero=True)
+    if num_draws < min_draws:
+        raise ValueError(f"num_draws must be at least {min_draws} (split R-hat needs them), got {num_draws}")
+    if on_divergence not in ("warn", "raise"):
+        raise ValueError(f"on_divergence={on_divergence!r} must be 'warn' or 'raise'")
+    batch_size = min(default_batch_size, n) if batch_size is None else batch_size
+    check_positive("batch_size", batch_size, integer=True)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
+    return batch_size
