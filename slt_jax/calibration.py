@@ -46,6 +46,9 @@ size that neither diverged nor drifted ran longest — ``num_steps · ε`` of si
 clock). An estimate at the chosen ε* burns in for that long (at least T_b) and draws for
 ``T − T_b`` (:meth:`Calibration.schedule`). If λ̂ still trends at the end of that longest
 run, the choice says so and :meth:`Calibration.recommended` warns: raise ``num_steps``.
+``estimate_llc(step_size="auto")`` does not stop there: its own chains record from the first
+step and their run doubles while λ̂ trends (:mod:`slt_jax.equilibration`), since at deep,
+highly singular points λ̂ can sit on a plateau for a while and then climb.
 """
 
 import dataclasses
@@ -64,6 +67,7 @@ from jax.flatten_util import ravel_pytree
 from slt_jax import divergence as divergence_lib
 from slt_jax import masks, sharding, validation
 from slt_jax.chains import ChainInputs, RunConfig, run_chains
+from slt_jax.equilibration import equilibration_time
 from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.mala import mala_acceptance
 from slt_jax.plots import plot_llc_vs_step_size
@@ -102,7 +106,8 @@ class CalibrationError(RuntimeError):
 
 
 class CalibrationWarning(UserWarning):
-    """λ̂ at the chosen step size had not stopped trending by the end of the sweep."""
+    """λ̂ at the chosen step size had not stopped trending by the end of the sweep (or, from
+    ``estimate_llc``, by the end of its longest extended run)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,45 +353,6 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
                          "pass step_sizes explicitly")
     top_step = 1.0 / (nbeta * h + localization)
     return top_step * factor ** -np.arange(num_points)[::-1].astype(float)
-
-
-def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
-                       fractions=np.arange(1, 11) / 20) -> float | None:
-    """The earliest burn-in after which a ``(chains, draws)`` λ̂ trace stops trending.
-
-    For each candidate burn-in ``t = f · times[-1]`` (``f`` in ``fractions``), the draws
-    after t are split into two halves; λ̂ has equilibrated by t when the halves' means
-    differ by at most ``rtol·|mean|`` *including* ``z`` standard errors of the difference
-    (as in the agreement test: a noisy trace cannot pass by being noisy). The difference
-    is taken chain by chain (its standard error from the spread of the chains' differences):
-    chains that sit at different levels for a long time — the slow modes of singular
-    posteriors — do not hide a shared climb.
-
-    Args:
-      draws: λ̂ per draw, ``(chains, draws)``, finite.
-      times: simulated time of each draw, increasing, ``(draws,)``.
-      rtol: the trend that counts as none, relative to λ̂.
-      z: standard errors added to the trend in that test.
-      fractions: candidate burn-ins as fractions of the run, increasing.
-
-    Returns:
-      The earliest passing burn-in time, or ``None`` if λ̂ trends after every candidate.
-    """
-    draws, times = np.asarray(draws, float), np.asarray(times, float)
-    for f in fractions:
-        rest = draws[:, times >= f * times[-1]]
-        half = rest.shape[1] // 2
-        if half < 4:
-            break
-        first, second = rest[:, :half], rest[:, half:]
-        paired = second.mean(axis=1) - first.mean(axis=1)
-        if paired.size > 1:
-            se = float(np.std(paired, ddof=1) / math.sqrt(paired.size))
-        else:
-            se = math.hypot(_se(first), _se(second))
-        if abs(paired.mean()) + z * se <= rtol * abs(rest.mean()):
-            return float(f * times[-1])
-    return None
 
 
 def _se(draws) -> float:

@@ -266,7 +266,7 @@ def _chunks(total: int, target: int):
 
 
 def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_burnin, num_draws, chunk_size=None,
-               progress=True):
+               progress=True, state: ChainState | None = None, start: int = 0):
     """Run ``num_chains`` chains: ``num_burnin`` steps, then ``num_draws`` recorded draws.
 
     Args:
@@ -278,6 +278,10 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
       chunk_size: sampler steps per compiled chunk (progress granularity); default about a
         twentieth of the run, at least 100 steps.
       progress: show a progress bar (tqdm; hidden when output is not a terminal).
+      state, start: continue chains from ``state`` (the first value this function returned)
+        at global step ``start`` — the steps it has run — instead of starting them at w*.
+        Step t draws from ``fold_in(chain_key, t)`` whatever the split, so a run continued
+        in pieces is the same run as one made whole.
 
     The chains are split over ``config.mesh``'s ``"chains"`` axis (padded to a multiple of
     it; padding chains run and are dropped) and the chain state buffers are donated from
@@ -288,6 +292,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     """
     spd = config.steps_per_draw
     total_steps = num_burnin + num_draws * spd
+    if start < 0 or (start > 0) != (state is not None):
+        raise ValueError(f"start={start} must be 0 with a fresh run and the steps already run with state")
     mesh = sharding.resolve_mesh(config.mesh)
     config = config._replace(mesh=mesh)
     padded = sharding.padded_num_chains(num_chains, mesh)
@@ -297,9 +303,14 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     placement = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                              is_leaf=lambda x: isinstance(x, PartitionSpec))
     inputs = jax.device_put(per_chain(inputs, num_chains, padded), placement)
-    state = jax.device_put(init_chains(config, inputs, padded), on_chains)
+    if state is None:
+        state = init_chains(config, inputs, padded)
+    elif padded > num_chains:
+        pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], padded - num_chains, axis=0)])
+        state = jax.tree.map(pad, state)
+    state = jax.device_put(state, on_chains)
     count, size = _chunks(total_steps, chunk_size or max(100, math.ceil(total_steps / 20)))
-    draw_steps = num_burnin + spd - 1 + spd * np.arange(num_draws)
+    draw_steps = num_burnin + spd - 1 + spd * np.arange(num_draws)  # counted from ``start``
 
     def fetch(i, record):
         # Keep only this chunk's draw steps of the real chains, on the host: device memory
@@ -312,8 +323,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
               unit="step", leave=False) as bar:
         for i in range(count + 1):
             if i < count:  # dispatch chunk i before fetching chunk i−1: the device never waits
-                state, record = _advance(config, inputs, size, keys, state, jnp.int32(i * size),
-                                         jnp.int32(num_burnin), jnp.int32(total_steps))
+                state, record = _advance(config, inputs, size, keys, state, jnp.int32(start + i * size),
+                                         jnp.int32(start + num_burnin), jnp.int32(start + total_steps))
             if pending is not None:
                 records.append(fetch(*pending))
                 bar.update(min(size, total_steps - pending[0] * size))

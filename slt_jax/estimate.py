@@ -5,6 +5,7 @@ sampler kernel → chain runner → statistics; this function wires it and recor
 """
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -14,8 +15,9 @@ import numpy as np
 from slt_jax import divergence as divergence_lib
 from slt_jax import masks, nuts
 from slt_jax import sharding, validation
-from slt_jax.calibration import CALIBRATION_STREAM, Calibration, calibrate
+from slt_jax.calibration import CALIBRATION_STREAM, Calibration, CalibrationWarning, calibrate
 from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
+from slt_jax.equilibration import run_until_equilibrated
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
 from slt_jax.mala import mala_acceptance
@@ -24,6 +26,8 @@ from slt_jax.results import LLCResult
 from slt_jax.samplers import get_kernel
 
 DEFAULT_BATCH_SIZE = 256
+# With a calibrated step size, the longest run as a multiple of the calibrated schedule.
+DEFAULT_MAX_EXTENSION = 8.0
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
 
@@ -92,6 +96,7 @@ def estimate_llc(
     chunk_size: int | None = None,
     progress: bool = True,
     mala: bool = False,
+    max_extension: float = DEFAULT_MAX_EXTENSION,
     mesh=None,
     devices=None,
     dtype=jnp.float32,
@@ -114,7 +119,12 @@ def estimate_llc(
         or a :class:`~slt_jax.calibration.Calibration` to use its choice. Either way
         ``num_burnin`` and ``num_draws`` are raised, if needed, to the simulated time over
         which the sweep validated the step size, and ``settings["calibration"]`` records the
-        sweep, the choice and why.
+        sweep, the choice and why. With a calibrated step size the chains record from
+        their first step, the burn-in is read off their own λ̂ trace (the later of the
+        calibrated one and the time λ̂ stopped trending, :mod:`slt_jax.equilibration`), and
+        while λ̂ still trends the run doubles, up to ``max_extension`` times the schedule;
+        ``settings["equilibration"]`` records the outcome, and a run still trending at the
+        cap warns (:class:`~slt_jax.calibration.CalibrationWarning`) and keeps its last quarter.
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
       num_chains: independent chains (vectorised with vmap).
@@ -148,6 +158,9 @@ def estimate_llc(
         potential from the chains' final points (:func:`slt_jax.mala.mala_acceptance`;
         ``sampler="sgld"`` only, small models); the mean acceptance rate lands in
         ``sampler_stats["mala_acceptance"]``.
+      max_extension: with a calibrated ``step_size``, the longest run as a multiple of the
+        calibrated schedule (``1`` keeps the schedule, and the burn-in is still read off the
+        trace); ignored for a numeric ``step_size``.
       mesh: a ``jax.sharding.Mesh`` with a ``"chains"`` axis (chains split over it) and
         optionally a ``"data"`` axis (dataset rows split over it; ``n`` and ``batch_size``
         must divide over it); see :mod:`slt_jax.sharding`. Exclusive with ``devices``.
@@ -192,13 +205,18 @@ def estimate_llc(
     dtype, compute_dtype = _check_dtypes(dtype, compute_dtype)
     mesh = sharding.resolve_mesh(mesh, devices)
     calibration = step_size if isinstance(step_size, Calibration) else None
+    if (auto or calibration is not None) and not max_extension >= 1:
+        raise ValueError(f"max_extension must be ≥ 1 (a multiple of the calibrated schedule), got {max_extension!r}")
     if auto:
         calibration = calibrate(loss_fn, params, data, jax.random.fold_in(key, CALIBRATION_STREAM),
                                 localization=localization, nbeta=nbeta, batch_size=batch_size, sampler=kernel,
                                 param_mask=param_mask, divergence_threshold=divergence_threshold, mesh=mesh,
                                 chunk_size=chunk_size, progress=progress)
     if calibration is not None:
-        step_size = calibration.recommended(nbeta, localization)
+        with warnings.catch_warnings():
+            # The sweep's probe may not have settled; the estimate's own chains decide below.
+            warnings.simplefilter("ignore", CalibrationWarning)
+            step_size = calibration.recommended(nbeta, localization)
         burnin, draws = calibration.schedule(step_size, steps_per_draw, nbeta, localization)
         num_burnin, num_draws = max(num_burnin, burnin), max(num_draws, draws)
 
@@ -242,8 +260,30 @@ def estimate_llc(
         data=data,
         eval_data=measure_data,
     )
-    state, draws = run_chains(key, config, inputs, num_chains=num_chains, num_burnin=num_burnin,
-                              num_draws=num_draws, chunk_size=chunk_size, progress=progress)
+    equilibration = None
+    if calibration is None:
+        state, draws = run_chains(key, config, inputs, num_chains=num_chains, num_burnin=num_burnin,
+                                  num_draws=num_draws, chunk_size=chunk_size, progress=progress)
+    else:
+        def llc_of(draws, state):
+            center = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
+            per = llc_draws(np.asarray(draws.batch_loss, np.float64), init_loss, nbeta, center)
+            return per, (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
+
+        run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
+                                     num_draws=num_draws, max_extension=max_extension,
+                                     rtol=calibration.settings["rtol"], z=calibration.settings["z"],
+                                     chunk_size=chunk_size, progress=progress)
+        state, draws = run.state, run.draws
+        planned = num_burnin + num_draws * steps_per_draw
+        num_burnin, num_draws = run.num_burnin, int(draws.batch_loss.shape[1])
+        equilibration = {"equilibrated": run.equilibrated, "num_steps": run.num_steps,
+                         "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension}
+        if not run.equilibrated:
+            warnings.warn(
+                f"λ̂ still trends after {run.num_steps} steps ({max_extension:g}× the calibrated {planned}) at "
+                f"step size {step_size:.3g}: the estimate is the last quarter of the run and may read low; "
+                f"raise max_extension", CalibrationWarning, stacklevel=2)
 
     batch_loss = np.asarray(draws.batch_loss, np.float64)
     center_loss = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
@@ -284,6 +324,7 @@ def estimate_llc(
         "devices": sharding.devices_of(mesh), "mesh": dict(mesh.shape),
         "compute_dtype": None if compute_dtype is None else str(compute_dtype),
         "calibration": None if calibration is None else calibration.summary(nbeta, localization),
+        "equilibration": equilibration,
     }
     return LLCResult(
         llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se,

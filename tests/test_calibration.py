@@ -20,7 +20,6 @@ from slt_jax.calibration import (
     calibrate,
     choose_step_size,
     default_step_sizes,
-    equilibration_time,
 )
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
@@ -78,18 +77,6 @@ def test_rule_bad_input_names_the_argument(kwargs, match):
     args = dict(step_sizes=[1e-5, 2e-5], llc_mean=[1.0, 1.0], llc_se=[0.1, 0.1]) | kwargs
     with pytest.raises(ValueError, match=match):
         choose_step_size(args.pop("step_sizes"), args.pop("llc_mean"), args.pop("llc_se"), **args)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_equilibration_time_finds_the_end_of_a_transient_and_refuses_a_drift(seed):
-    rng = np.random.default_rng(seed)
-    times = np.linspace(0.0, 10.0, 2000)
-    noise = rng.normal(0.0, 0.5, (8, times.size))  # independent draws: se ≈ 0.5 / √(8·draws)
-    relaxing = 10.0 * (1.0 - np.exp(-times / 0.5)) + noise  # settles (to 0.1 %) by t ≈ 3.5
-    settle = equilibration_time(relaxing, times, rtol=0.01)
-    assert settle is not None and 0.5 <= settle <= 3.5
-    drifting = 10.0 + 0.5 * times + noise  # +25 % between the halves of any tail
-    assert equilibration_time(drifting, times, rtol=0.01) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""When has λ̂ stopped trending? Burn-in read off the chains' own trace, and runs extended until it has.
+
+At deep, highly singular points the chains leave w* on a long time scale: on a DLN with
+widths 25-15-21-8-35-14 (rank 1, λ = 60, γ = 1, nβ = n/log n at n = 1e5) plain SGLD held
+λ̂ ≈ 19 for the first ~0.005 units of simulated time (ε × steps), then climbed and settled
+near 57 only after ~0.02 (``benchmarks/dln_accuracy.py``). Singular directions are flat to
+high order, and the chains must diffuse far along them before the loss feels it (REFERENCE.md
+§3: chains at highly singular points need longer burn-in). A fixed budget reads the
+transient; :func:`run_until_equilibrated` records the whole run, and doubles it — up to a cap
+— until :func:`equilibration_time` finds a burn-in after which λ̂ no longer trends.
+
+No test of a finite trace can tell a long metastable plateau from equilibrium: a trace flat
+so far may still climb later. The cap and the test's tolerance are recorded with the result.
+"""
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from slt_jax.chains import ChainInputs, Draws, RunConfig, run_chains
+
+# Candidate burn-ins, as fractions of the run: up to three quarters, so that the last quarter
+# of a run that settled late can serve as its draws.
+FRACTIONS = np.arange(1, 16) / 20
+
+
+def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
+                       fractions=FRACTIONS) -> float | None:
+    """The earliest burn-in after which a ``(chains, draws)`` λ̂ trace stops trending.
+
+    For each candidate burn-in ``t = f · times[-1]`` (``f`` in ``fractions``), the draws
+    after t are split into two halves; λ̂ has equilibrated by t when the halves' means
+    differ by at most ``rtol·|mean|`` *including* ``z`` standard errors of the difference
+    (a noisy trace cannot pass by being noisy). The difference is taken chain by chain (its
+    standard error from the spread of the chains' differences): chains that sit at different
+    levels for a long time — the slow modes of singular posteriors — do not hide a shared climb.
+
+    Args:
+      draws: λ̂ per draw, ``(chains, draws)``, finite.
+      times: simulated time (or step) of each draw, increasing, ``(draws,)``.
+      rtol: the trend that counts as none, relative to λ̂.
+      z: standard errors added to the trend in that test.
+      fractions: candidate burn-ins as fractions of the run, increasing.
+
+    Returns:
+      The earliest passing burn-in time, or ``None`` if λ̂ trends after every candidate.
+    """
+    draws, times = np.asarray(draws, float), np.asarray(times, float)
+    for f in fractions:
+        rest = draws[:, times >= f * times[-1]]
+        half = rest.shape[1] // 2
+        if half < 4:
+            break
+        first, second = rest[:, :half], rest[:, half:]
+        paired = second.mean(axis=1) - first.mean(axis=1)
+        if paired.size > 1:
+            se = float(np.std(paired, ddof=1) / math.sqrt(paired.size))
+        else:
+            se = math.hypot(_spread_se(first), _spread_se(second))
+        if abs(paired.mean()) + z * se <= rtol * abs(rest.mean()):
+            return float(f * times[-1])
+    return None
+
+
+def _spread_se(draws) -> float:
+    """Standard error of one chain's mean from its draws' spread, ignoring autocorrelation."""
+    return float(np.std(draws, ddof=1) / math.sqrt(draws.size))
+
+
+class Equilibrated(NamedTuple):
+    """A run extended until λ̂ stopped trending (see :func:`run_until_equilibrated`).
+
+    Attributes:
+      state: the chains' final state.
+      draws: the draws after the burn-in, ``(chains, draws, …)``.
+      num_burnin: the burn-in in steps (at least the planned one).
+      num_steps: the steps every chain ran.
+      equilibrated: whether λ̂ stopped trending within the cap.
+      extensions: how many times the run was doubled.
+    """
+
+    state: object
+    draws: Draws
+    num_burnin: int
+    num_steps: int
+    equilibrated: bool
+    extensions: int
+
+
+def _concat(records):
+    """The rounds' draws joined along the draw axis (kernel infos are pytrees of arrays)."""
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *records)
+
+
+def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, num_chains: int,
+                           num_burnin: int, num_draws: int, max_extension: float, rtol: float = 0.05,
+                           z: float = 1.0, chunk_size=None, progress=True) -> Equilibrated:
+    """Run the planned ``num_burnin + num_draws·steps_per_draw`` steps, recording from step 0,
+    and double the run while λ̂ still trends, up to ``max_extension`` times the plan.
+
+    The burn-in is the later of ``num_burnin`` and :func:`equilibration_time` of the healthy
+    chains' λ̂ trace; the draws are every recorded draw after it (at least a quarter of the
+    run). Chains continue where they stopped (:func:`slt_jax.chains.run_chains` with
+    ``state``), so an extended run is the same run as one planned that long.
+
+    Args:
+      key, config, inputs: as for :func:`slt_jax.chains.run_chains`.
+      llc_of: ``llc_of(draws, state) -> (llc, healthy)``: per-draw λ̂ ``(chains, draws)`` and
+        which chains are healthy ``(chains,)`` (diverged ones are left out of the test).
+      num_chains: chains.
+      num_burnin, num_draws: the planned burn-in (steps) and draws.
+      max_extension: the longest run, as a multiple of the planned one (≥ 1).
+      rtol, z: the trend test of :func:`equilibration_time`.
+      chunk_size, progress: as for :func:`slt_jax.chains.run_chains`.
+
+    Returns:
+      An :class:`Equilibrated`.
+    """
+    spd = config.steps_per_draw
+    planned = max(8, math.ceil((num_burnin + num_draws * spd) / spd))  # in draws
+    cap = max(planned, math.ceil(planned * max_extension))
+    state, records, done, extensions = None, [], 0, 0
+    target = planned
+    while True:
+        state, record = run_chains(key, config, inputs, num_chains=num_chains, num_burnin=0,
+                                   num_draws=target - done, chunk_size=chunk_size, progress=progress,
+                                   state=state, start=done * spd)
+        records.append(record)
+        done = target
+        draws = _concat(records)
+        llc, healthy = llc_of(draws, state)
+        steps = spd * (np.arange(done) + 1)
+        settle = equilibration_time(llc[healthy], steps, rtol=rtol, z=z) if healthy.any() else None
+        if settle is not None or done >= cap:
+            break
+        target = min(2 * done, cap)
+        extensions += 1
+    equilibrated = settle is not None
+    if not equilibrated:  # still trending at the cap: the last quarter is the latest estimate
+        settle = FRACTIONS[-1] * steps[-1]
+    burnin = min(max(num_burnin, int(settle)), int(steps[-4] - spd))
+    kept = jax.tree.map(lambda x: x[:, steps > burnin], draws)
+    return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions)

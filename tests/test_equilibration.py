@@ -1,0 +1,104 @@
+"""Burn-in read off the chains' own λ̂ trace, and runs extended until λ̂ stops trending.
+
+The model: L(w) = ½·h·‖w‖², independent of the data, so the gradient is exact and each of the
+d coordinates is an AR(1) chain ``w' = (1 − εa/2)·w + √ε·ξ`` with ``a = nβh`` (γ = 0): from
+w* = 0 its variance climbs as ``(1 − (1 − εa/2)^{2t}) / (a(1 − εa/4))``, and λ̂ with it, to
+the exact estimand ``(d/2)/(1 − εa/4)``. With εa/2 = 0.005 the climb takes ~300 steps to
+come within 5 %: a plan of 40 steps reads the transient.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slt_jax.chains import ChainInputs, RunConfig, run_chains
+from slt_jax.divergence import Divergence
+from slt_jax.equilibration import equilibration_time, run_until_equilibrated
+from slt_jax.estimators.llc import llc_draws
+from slt_jax.posterior import LocalPosterior
+from slt_jax.samplers import SGLD
+
+D, H, NBETA, STEP = 20, 1.0, 100.0, 1e-4
+A = NBETA * H
+EXACT = 0.5 * D / (1.0 - STEP * A / 4.0)
+
+
+def _loss(w, batch):
+    return 0.5 * H * jnp.sum(w**2) + 0.0 * jnp.mean(batch)
+
+
+def _setup(steps_per_draw=1):
+    config = RunConfig(_loss, SGLD, 4, steps_per_draw, "control_variate", 4, None)
+    inputs = ChainInputs(step_size=jnp.float32(STEP), posterior=LocalPosterior(jnp.zeros(D), jnp.float32(NBETA),
+                                                                                jnp.float32(0.0)),
+                         divergence=Divergence(jnp.float32(0.0), jnp.float32(1e6)), data=jnp.zeros((8, 1)),
+                         eval_data=None)
+    return config, inputs
+
+
+def _llc_of(draws, state):
+    per = llc_draws(np.asarray(draws.batch_loss, float), 0.0, NBETA, np.asarray(draws.center_loss, float))
+    return per, (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
+
+
+def test_a_run_continued_in_pieces_is_the_run_made_whole():
+    config, inputs = _setup(steps_per_draw=3)
+    key = jax.random.key(0)
+    whole_state, whole = run_chains(key, config, inputs, num_chains=5, num_burnin=6, num_draws=30, progress=False)
+    state, first = run_chains(key, config, inputs, num_chains=5, num_burnin=6, num_draws=10, progress=False)
+    state, second = run_chains(key, config, inputs, num_chains=5, num_burnin=0, num_draws=20, progress=False,
+                               state=state, start=36)
+    joined = np.concatenate([first.batch_loss, second.batch_loss], axis=1)
+    np.testing.assert_array_equal(joined, whole.batch_loss)
+    np.testing.assert_array_equal(state.kernel_state.position, whole_state.kernel_state.position)
+    with pytest.raises(ValueError, match="start=0"):
+        run_chains(key, config, inputs, num_chains=5, num_burnin=0, num_draws=2, state=state, progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_short_plan_is_extended_until_the_climb_is_over(seed):
+    config, inputs = _setup()
+    run = run_until_equilibrated(jax.random.key(seed), config, inputs, _llc_of, num_chains=16, num_burnin=10,
+                                 num_draws=30, max_extension=64, rtol=0.05, z=1.0, progress=False)
+    llc, _ = _llc_of(run.draws, run.state)
+    means = llc.mean(axis=1)
+    se = means.std(ddof=1) / math.sqrt(means.size)
+    assert run.equilibrated and run.extensions >= 2 and run.num_steps > 100
+    # The kept draws start after the climb (within 5 % by step ~300): λ̂ is the exact estimand
+    # within the 5 % the trend test allows plus 3 standard errors of the chains' spread.
+    assert run.num_burnin >= 10 and run.draws.batch_loss.shape[1] == run.num_steps - run.num_burnin
+    assert abs(llc.mean() - EXACT) < 0.05 * EXACT + 3 * se, (llc.mean(), EXACT, se)
+
+
+def test_a_capped_run_says_it_did_not_settle_and_reads_low():
+    config, inputs = _setup()
+    run = run_until_equilibrated(jax.random.key(0), config, inputs, _llc_of, num_chains=16, num_burnin=0,
+                                 num_draws=40, max_extension=1, progress=False)
+    llc, _ = _llc_of(run.draws, run.state)
+    assert not run.equilibrated and run.extensions == 0 and run.num_steps == 40
+    assert llc.mean() < 0.5 * EXACT  # after 40 steps the variance has climbed a third of the way
+
+
+def test_extension_is_refused_below_one():
+    import slt_jax
+
+    with pytest.raises(ValueError, match="max_extension"):
+        slt_jax.estimate_llc(_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), step_size="auto",
+                             localization=1.0, nbeta=NBETA, max_extension=0.5, progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_equilibration_time_finds_the_end_of_a_transient_and_refuses_a_drift(seed):
+    rng = np.random.default_rng(seed)
+    times = np.linspace(0.0, 10.0, 2000)
+    noise = rng.normal(0.0, 0.5, (8, times.size))  # independent draws: se ≈ 0.5 / √(8·draws)
+    relaxing = 10.0 * (1.0 - np.exp(-times / 0.5)) + noise  # settles (to 0.1 %) by t ≈ 3.5
+    settle = equilibration_time(relaxing, times, rtol=0.01)
+    assert settle is not None and 0.5 <= settle <= 3.5
+    drifting = 10.0 + 0.5 * times + noise  # +25 % between the halves of any tail
+    assert equilibration_time(drifting, times, rtol=0.01) is None
+
+
