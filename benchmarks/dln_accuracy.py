@@ -110,7 +110,9 @@ def run_network(key, scale: str, n: int, chains: int, burnin: int, draws: int) -
         num_draws=result.settings["num_draws"], diverged_chains=len(result.diverged_chains),
         calibration_status=[r["status"] for r in calibration["table"]],
         calibration_steps=[r["step_size"] for r in calibration["table"]],
-        equilibrated=calibration["equilibrated"], reason=calibration["reason"],
+        equilibrated=result.settings["equilibration"]["equilibrated"],
+        calibration_equilibrated=calibration["equilibrated"], num_steps=result.settings["equilibration"]["num_steps"],
+        extensions=result.settings["equilibration"]["extensions"], reason=calibration["reason"],
         warnings=sorted({type(w.message).__name__ for w in caught}), seconds=time.perf_counter() - start,
     )
     return row
