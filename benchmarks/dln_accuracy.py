@@ -15,13 +15,15 @@ The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scal
   * sampler: SGLD, γ = 1, nβ = n / log n, batch 500, the step size calibrated per network
     (``slt_jax.calibration``: 4 step sizes × 4 chains, compared at equal simulated time),
     then ``--chains`` chains with burn-in and draws set by the calibration (at least
-    ``--burnin`` and ``--draws``);
+    ``--burnin`` and ``--draws``), the burn-in read off the chains' own λ̂ trace and the run
+    doubled while λ̂ still trends, up to 8× (``slt_jax.equilibration``; the row records the
+    steps run and the doublings);
   * ground truth: ``dln_learning_coefficient(widths, r)``; multiplicity m > 1 adds a
     negative finite-n correction of order (m − 1)/log(nβ) (REFERENCE.md §3), so the table
-    also reports the m = 1 networks on their own, and the networks whose calibration found
-    λ̂ equilibrated (``settings["calibration"]["equilibrated"]``; the others carry a
-    ``CalibrationWarning``: at deep, highly singular points λ̂ climbs on a time scale far
-    beyond the default sweep's).
+    also reports the m = 1 networks on their own, and the networks whose estimate found λ̂
+    equilibrated (``settings["equilibration"]["equilibrated"]``; the others carry a
+    ``CalibrationWarning``: at deep, highly singular points λ̂ can sit on a plateau and then
+    climb on a time scale beyond even the extended run).
 
 Scales (``--scales``; "1K" and "10K" are the CPU defaults, the larger ones for a GPU):
 
@@ -39,7 +41,7 @@ Run::
 It prints a table per network and a summary (relative error: median, 90th percentile, worst;
 R² and slope of λ̂ against λ; wall time), writes ``benchmarks/results/dln_accuracy.json`` and
 a scatter plot ``dln_accuracy.png`` beside it. Targets: median relative error ≤ 5 %, worst
-≤ 15 %. The CPU defaults (8 networks at 1K, 3 at 10K) take about 15–25 minutes on two cores.
+≤ 15 %. The CPU defaults (8 networks at 1K, 3 at 10K) took 16 minutes on two cores.
 """
 
 import argparse
