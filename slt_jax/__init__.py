@@ -27,6 +27,7 @@ from slt_jax.estimators.free_energy import (
     wbic,
 )
 from slt_jax.groundtruth import dln_learning_coefficient
+from slt_jax.laplace import LaplaceLLC, laplace_llc
 from slt_jax.plots import plot_early_warning, plot_llc_curve, plot_llc_vs_step_size
 from slt_jax.results import LLCResult
 from slt_jax.results_store import ResultsStore
@@ -48,6 +49,7 @@ __all__ = [
     "FreeEnergyResult",
     "KernelFactory",
     "LLCCurve",
+    "LaplaceLLC",
     "LLCResult",
     "ResultsStore",
     "SamplingAlgorithm",
@@ -64,6 +66,7 @@ __all__ = [
     "estimate_free_energy",
     "estimate_llc",
     "groundtruth",
+    "laplace_llc",
     "list_steps",
     "llc_from_slope",
     "llc_from_two_temperatures",

@@ -5,7 +5,8 @@ widths 25-15-21-8-35-14 (rank 1, λ = 60, γ = 1, nβ = n/log n at n = 1e5) plai
 λ̂ ≈ 19 for the first ~0.005 units of simulated time (ε × steps), then climbed and settled
 near 57 only after ~0.02 (``benchmarks/dln_accuracy.py``). Singular directions are flat to
 high order, and the chains must diffuse far along them before the loss feels it (REFERENCE.md
-§3: chains at highly singular points need longer burn-in). A fixed budget reads the
+§3: chains at highly singular points need longer burn-in); the plateau is the Laplace value
+of the quadratic part alone (:mod:`slt_jax.laplace`). A fixed budget reads the
 transient; :func:`run_until_equilibrated` records the whole run, and doubles it — up to a cap
 — until :func:`equilibration_time` finds a burn-in after which λ̂ no longer trends.
 
