@@ -74,6 +74,9 @@ DEFAULT_NETWORKS = {"1K": 8, "10K": 3, "100K": 10, "1M": 5}
 LOCALIZATION = 1.0
 BATCH_SIZE = 500
 INPUT_SCALE = 10.0
+# A row is flagged "plateau" when λ̂ lies within PLATEAU_GAP_REL of the Laplace value and that
+# value is below PLATEAU_GAP·λ (so the two can be told apart).
+PLATEAU_GAP, PLATEAU_GAP_REL = 0.9, 0.05
 _LOSS = functools.partial(dln_loss, sigma=1.0)  # one object: networks of equal shapes share programs
 
 
@@ -90,9 +93,13 @@ def run_network(key, scale: str, n: int, chains: int, burnin: int, draws: int) -
     data = dln_data(key_data, teacher, n, input_scale=INPUT_SCALE, input_dist="uniform")
     truth = dln_learning_coefficient(arch.widths, arch.rank)
     lam = float(truth.lam)
+    # The Laplace value at the aligned point: r·(H_0 + H_L − r) stiff directions, each ≈ ½
+    # (slt_jax.laplace; tests/test_laplace.py checks it against the dense Hessian). λ̂ near it,
+    # below λ, is the plateau of chains that have not left the quadratic part.
+    laplace = arch.rank * (arch.widths[0] + arch.widths[-1] - arch.rank) / 2
     row = {"scale": scale, "widths": list(arch.widths), "rank": arch.rank,
            "num_params": sum(a * b for a, b in zip(arch.widths, arch.widths[1:])),
-           "lambda": lam, "multiplicity": truth.multiplicity}
+           "lambda": lam, "multiplicity": truth.multiplicity, "laplace": laplace}
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -116,6 +123,7 @@ def run_network(key, scale: str, n: int, chains: int, burnin: int, draws: int) -
         calibration_equilibrated=calibration["equilibrated"], num_steps=result.settings["equilibration"]["num_steps"],
         extensions=result.settings["equilibration"]["extensions"], reason=calibration["reason"],
         warnings=sorted({type(w.message).__name__ for w in caught}), seconds=time.perf_counter() - start,
+        plateau=bool(laplace < PLATEAU_GAP * lam and abs(result.llc_mean / laplace - 1) < PLATEAU_GAP_REL),
     )
     return row
 
@@ -185,8 +193,8 @@ def main(argv=None):
 
     start = time.perf_counter()
     rows = []
-    print("| scale | widths | r | d | λ (m) | λ̂ ± se | rel. error | ε | equilibrated | time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| scale | widths | r | d | λ (m) | Laplace | λ̂ ± se | rel. error | ε | equilibrated | plateau | time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s, (scale, count) in enumerate(zip(args.scales, counts)):
         for i in range(count):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), s), i)
@@ -195,8 +203,9 @@ def main(argv=None):
             est = "calibration failed" if row["llc_mean"] is None else f"{row['llc_mean']:.4g} ± {row['llc_se']:.2g}"
             eps = "—" if row["step_size"] is None else f"{row['step_size']:.2g}"
             print(f"| {scale} | {'-'.join(map(str, row['widths']))} | {row['rank']} | {row['num_params']} | "
-                  f"{row['lambda']:g} ({row['multiplicity']}) | {est} | {_pct(row['rel_error'])} | {eps} | "
-                  f"{'yes' if row.get('equilibrated') else 'no'} | {row['seconds']:.0f} s |", flush=True)
+                  f"{row['lambda']:g} ({row['multiplicity']}) | {row['laplace']:g} | {est} | {_pct(row['rel_error'])} | "
+                  f"{eps} | {'yes' if row.get('equilibrated') else 'no'} | {'yes' if row.get('plateau') else ''} | "
+                  f"{row['seconds']:.0f} s |", flush=True)
     wall = time.perf_counter() - start
 
     summary = {"all": summarise(rows)}
@@ -204,6 +213,7 @@ def main(argv=None):
         summary[scale] = summarise([r for r in rows if r["scale"] == scale])
     summary["multiplicity_1"] = summarise([r for r in rows if r["multiplicity"] == 1])
     summary["equilibrated"] = summarise([r for r in rows if r.get("equilibrated")])
+    summary["not_on_a_plateau"] = summarise([r for r in rows if not r.get("plateau")])
     print(f"\n| subset | networks | median |rel. err.| | 90th pct | worst | mean signed | slope | R² |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
