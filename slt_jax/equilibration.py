@@ -134,7 +134,7 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         llc, healthy = llc_of(draws, state)
         steps = spd * (np.arange(done) + 1)
         settle = equilibration_time(llc[healthy], steps, rtol=rtol, z=z) if healthy.any() else None
-        if settle is not None or done >= cap:
+        if settle is not None or done >= cap or not healthy.any():  # every chain diverged: stop
             break
         target = min(2 * done, cap)
         extensions += 1

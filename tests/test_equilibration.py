@@ -82,6 +82,15 @@ def test_a_capped_run_says_it_did_not_settle_and_reads_low():
     assert llc.mean() < 0.5 * EXACT  # after 40 steps the variance has climbed a third of the way
 
 
+def test_a_run_whose_chains_all_diverge_is_not_extended():
+    config, inputs = _setup()
+    inputs = inputs._replace(divergence=Divergence(jnp.float32(0.0), jnp.float32(1e-3)))  # every chain runs away
+    run = run_until_equilibrated(jax.random.key(0), config, inputs, _llc_of, num_chains=4, num_burnin=0,
+                                 num_draws=40, max_extension=64, progress=False)
+    assert np.all(np.asarray(run.state.diverged_at) >= 0)
+    assert run.extensions == 0 and run.num_steps == 40 and not run.equilibrated
+
+
 def test_extension_is_refused_below_one():
     import slt_jax
 
