@@ -257,8 +257,11 @@ def chain_keys(key, num_chains: int):
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_chains))
 
 
-def _chunks(total: int, target: int):
-    """Split ``total`` into equal chunks of at most ``target`` (the last one padded)."""
+def plan_chunks(total: int, chunk_size: int | None = None):
+    """``(count, size)``: ``total`` steps in equal chunks of at most ``chunk_size`` (default
+    about a twentieth of the run, at least 100), the last one padded. Each chunk size is one
+    compiled program."""
+    target = chunk_size or max(100, math.ceil(total / 20))
     if total == 0:
         return 0, 0
     count = math.ceil(total / max(1, target))
@@ -309,7 +312,7 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
         pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], padded - num_chains, axis=0)])
         state = jax.tree.map(pad, state)
     state = jax.device_put(state, on_chains)
-    count, size = _chunks(total_steps, chunk_size or max(100, math.ceil(total_steps / 20)))
+    count, size = plan_chunks(total_steps, chunk_size)
     draw_steps = num_burnin + spd - 1 + spd * np.arange(num_draws)  # counted from ``start``
 
     def fetch(i, record):

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from slt_jax.chains import ChainInputs, Draws, RunConfig, run_chains
+from slt_jax.chains import ChainInputs, Draws, RunConfig, plan_chunks, run_chains
 
 # Candidate burn-ins, as fractions of the run: up to three quarters, so that the last quarter
 # of a run that settled late can serve as its draws.
@@ -122,6 +122,9 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
     spd = config.steps_per_draw
     planned = max(8, math.ceil((num_burnin + num_draws * spd) / spd))  # in draws
     cap = max(planned, math.ceil(planned * max_extension))
+    # Every round is a multiple of the first: its chunk size splits them too (exactly when it
+    # divides the first round; else nearly always), so extending reuses the compiled chunk.
+    chunk_size = plan_chunks(planned * spd, chunk_size)[1]
     state, records, done, extensions = None, [], 0, 0
     target = planned
     while True:

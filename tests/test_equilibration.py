@@ -47,15 +47,15 @@ def _llc_of(draws, state):
 def test_a_run_continued_in_pieces_is_the_run_made_whole():
     config, inputs = _setup(steps_per_draw=3)
     key = jax.random.key(0)
-    whole_state, whole = run_chains(key, config, inputs, num_chains=5, num_burnin=6, num_draws=30, progress=False)
-    state, first = run_chains(key, config, inputs, num_chains=5, num_burnin=6, num_draws=10, progress=False)
-    state, second = run_chains(key, config, inputs, num_chains=5, num_burnin=0, num_draws=20, progress=False,
-                               state=state, start=36)
+    run = lambda **kw: run_chains(key, config, inputs, num_chains=5, chunk_size=12, progress=False, **kw)
+    whole_state, whole = run(num_burnin=6, num_draws=30)
+    state, first = run(num_burnin=6, num_draws=10)
+    state, second = run(num_burnin=0, num_draws=20, state=state, start=36)
     joined = np.concatenate([first.batch_loss, second.batch_loss], axis=1)
     np.testing.assert_array_equal(joined, whole.batch_loss)
     np.testing.assert_array_equal(state.kernel_state.position, whole_state.kernel_state.position)
     with pytest.raises(ValueError, match="start=0"):
-        run_chains(key, config, inputs, num_chains=5, num_burnin=0, num_draws=2, state=state, progress=False)
+        run(num_burnin=0, num_draws=2, state=state)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -30,7 +30,7 @@ def test_an_aligned_dln_point_reads_rank_over_two_below_aoyagi(widths, rank):
     # matrices, of dimension r·(H_0 + H_L − r): that many stiff directions, each nearly ½.
     teacher = dln_teacher(jax.random.key(0), widths, rank)
     data = dln_data(jax.random.key(1), teacher, 2000)
-    result = laplace_llc(dln_loss, teacher, data, localization=1.0)
+    result = laplace_llc(dln_loss, teacher, data, localization=1.0, batch_size=1000)
     stiff = rank * (widths[0] + widths[-1] - rank)
     assert result.num_stiff == stiff
     assert stiff / 2 * 0.95 < result.llc <= stiff / 2
