@@ -2,7 +2,7 @@
 
 At deep, highly singular points the chains leave w* on a long time scale: on a DLN with
 widths 25-15-21-8-35-14 (rank 1, λ = 60, γ = 1, nβ = n/log n at n = 1e5) plain SGLD held
-λ̂ ≈ 19 for the first ~0.005 units of simulated time (ε × steps), then climbed and settled
+λ̂ ≈ 19 for the first ~0.003 units of simulated time (ε × steps), then climbed and settled
 near 57 only after ~0.02 (``benchmarks/dln_accuracy.py``). Singular directions are flat to
 high order, and the chains must diffuse far along them before the loss feels it (REFERENCE.md
 §3: chains at highly singular points need longer burn-in); the plateau is the Laplace value
