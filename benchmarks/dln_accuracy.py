@@ -47,7 +47,6 @@ a scatter plot ``dln_accuracy.png`` beside it. Targets: median relative error �
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import time
@@ -214,7 +213,7 @@ def main(argv=None):
     summary["multiplicity_1"] = summarise([r for r in rows if r["multiplicity"] == 1])
     summary["equilibrated"] = summarise([r for r in rows if r.get("equilibrated")])
     summary["not_on_a_plateau"] = summarise([r for r in rows if not r.get("plateau")])
-    print(f"\n| subset | networks | median |rel. err.| | 90th pct | worst | mean signed | slope | R² |")
+    print("\n| subset | networks | median |rel. err.| | 90th pct | worst | mean signed | slope | R² |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         if "median_rel_error" not in s:

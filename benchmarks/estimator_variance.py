@@ -44,14 +44,14 @@ import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import slt_jax
-from slt_jax.calibration import CalibrationError, calibrate, default_step_sizes
+from slt_jax.calibration import CalibrationError, calibrate
+from slt_jax.step_grid import default_step_sizes
 from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 from slt_jax.samplers import KERNELS

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import slt_jax
+from slt_jax.results import json_safe
 
 WIDTHS = (10, 10, 10, 10)
 RANK = 5
@@ -305,17 +306,6 @@ def run_devinterp(weights, x, y, num_chains: int, num_steps: int, threads: int):
     }
 
 
-def _finite(value):
-    """``value`` with every non-finite float (a 1-chain spread, say) replaced by ``None``."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def format_table(jax_res: dict, devinterp_res, ratios: dict) -> str:
     """The results as a markdown table."""
     def num(value, fmt):
@@ -412,7 +402,7 @@ def main(argv=None):
                     "load_avg_1_5_15min_after": os.getloadavg()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    args.out.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.out}")
 
 

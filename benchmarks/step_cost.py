@@ -39,7 +39,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from slt_jax import sharding
 from slt_jax.chains import ChainInputs, RunConfig, _advance, chain_keys, init_chains, per_chain, run_chains

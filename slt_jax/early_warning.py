@@ -21,7 +21,6 @@ are per checkpoint.
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
 
 _DETRENDS = ("gaussian", "linear", "none")
 _SURROGATE_CHUNK = 128

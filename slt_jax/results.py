@@ -25,6 +25,15 @@ def json_safe(value):
     return value
 
 
+def dump_json(record: dict, path=None, indent: int = 2) -> str:
+    """``record`` as JSON text; also written (UTF-8) to ``path`` if given. Every result's ``to_json``."""
+    text = json.dumps(record, indent=indent)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class LLCResult:
     """The local learning coefficient at one point, with everything needed to trust or redo it.
@@ -78,11 +87,7 @@ class LLCResult:
 
     def to_json(self, path=None, traces: bool = False) -> str:
         """Serialise with :meth:`to_dict`; also write to ``path`` if given."""
-        text = json.dumps(self.to_dict(traces=traces), indent=2)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        return dump_json(self.to_dict(traces=traces), path)
 
     def __str__(self) -> str:
         chains = len(self.llc_per_chain)

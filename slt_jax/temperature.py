@@ -9,7 +9,6 @@ at β* = 1/log n, the slope against 1/β, two temperatures and the variance
 """
 
 import dataclasses
-import json
 import math
 from functools import partial
 
@@ -24,7 +23,7 @@ from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
 from slt_jax.estimators import free_energy as fe
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.posterior import LocalPosterior, full_batch_loss
-from slt_jax.results import json_safe
+from slt_jax.results import dump_json, json_safe
 from slt_jax.samplers import get_kernel
 
 DEFAULT_BATCH_SIZE = 256
@@ -104,11 +103,7 @@ class FreeEnergyResult:
 
     def to_json(self, path=None) -> str:
         """Serialise with :meth:`to_dict`; also write to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        return dump_json(self.to_dict(), path)
 
     def __str__(self) -> str:
         return (

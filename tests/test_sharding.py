@@ -47,7 +47,7 @@ def _worker(out_path):
     warnings.simplefilter("error")  # as pytest's filterwarnings = error
     jax.config.update("jax_numpy_rank_promotion", "raise")
     import slt_jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
     from slt_jax.chains import ChainInputs, RunConfig, run_chains
     from slt_jax.divergence import Divergence
     from slt_jax.posterior import LocalPosterior
