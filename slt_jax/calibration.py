@@ -53,16 +53,12 @@ highly singular points λ̂ can sit on a plateau for a while and then climb.
 
 import dataclasses
 import itertools
-import json
 import math
 import warnings
-from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from slt_jax import divergence as divergence_lib
 from slt_jax import masks, sharding, validation
@@ -71,32 +67,20 @@ from slt_jax.equilibration import equilibration_time
 from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.mala import mala_acceptance
 from slt_jax.plots import plot_llc_vs_step_size
-from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss, minibatch
-from slt_jax.results import json_safe
+from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
+from slt_jax.results import dump_json, json_safe
 from slt_jax.samplers import get_kernel
+from slt_jax.step_choice import choose_step_size
+from slt_jax.step_grid import default_step_sizes
 
 DEFAULT_BATCH_SIZE = 256
-# Default grid: GRID_POINTS step sizes GRID_FACTOR apart below the stiffness scale
-# 1/(nβ·h + γ) (see `default_step_sizes`).
-GRID_POINTS = 4
-GRID_FACTOR = 2.0
 # Draws the largest step size gets in its window, at least (sets the draw spacing).
 MIN_WINDOW_DRAWS = 20
-# Standard errors by which a trend or a negative λ̂ must be significant to count.
-CHECK_Z = 3.0
-# MALA acceptance below which a step size counts as unstable: 30 % of exact-gradient Langevin
-# proposals rejected means the step is far from the continuous-time limit (a heuristic; in
-# few dimensions a visibly biased step can still accept > 0.9, which the agreement test catches).
-MIN_MALA_ACCEPTANCE = 0.7
 # The Metropolis check runs where a full-batch pass is cheap: n·d at most this.
 MALA_BUDGET = 5e7
-STATUSES = ("ok", "biased", "unstable", "diverged", "skipped")
 # ``estimate_llc(step_size="auto")`` calibrates with ``fold_in(key, CALIBRATION_STREAM)``: no
 # chain index of the estimate itself reaches it, so the sweep's random numbers are its own.
 CALIBRATION_STREAM = 2**31 - 1
-_PROBE_ROWS = 4096
-_POWER_ITERATIONS = 30
-_RADII = 64
 
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
@@ -124,7 +108,7 @@ class Calibration:
         the check did not run).
       diverged_chains: diverged chains per group.
       window_draws: draws per chain in the group's window.
-      status: one of :data:`STATUSES` per group.
+      status: one of :data:`slt_jax.step_choice.STATUSES` per group.
       reason: why, per group.
       choices: one dict per (nβ, γ) setting: ``nbeta``, ``localization``, ``step_size``
         (``None`` if nothing passed), ``reason``, ``total_time`` (T), ``window_start`` (T_b),
@@ -159,12 +143,17 @@ class Calibration:
                              f"(nbeta, localization) settings {settings}; name exactly one")
         return found[0]
 
-    def recommended(self, nbeta=None, localization=None) -> float:
-        """The recommended step size; raises :class:`CalibrationError` when none passed."""
+    def recommended(self, nbeta=None, localization=None, *, warn: bool = True) -> float:
+        """The recommended step size; raises :class:`CalibrationError` when none passed.
+
+        With ``warn`` (default) a choice whose λ̂ still trended at the end of the sweep warns
+        (:class:`CalibrationWarning`); ``estimate_llc`` passes ``False``, since it judges
+        equilibration on its own chains and warns itself.
+        """
         choice = self.choice(nbeta, localization)
         if choice["step_size"] is None:
             raise CalibrationError(f"no step size passed calibration: {choice['reason']}\n{self}")
-        if not choice["equilibrated"]:
+        if warn and not choice["equilibrated"]:
             warnings.warn(f"step size {choice['step_size']:.3g}: {choice['reason']}", CalibrationWarning,
                           stacklevel=2)
         return choice["step_size"]
@@ -203,11 +192,7 @@ class Calibration:
 
     def to_json(self, path=None) -> str:
         """Serialise :meth:`to_dict`; also write it to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        return dump_json(self.to_dict(), path)
 
     def plot(self, path=None, *, nbeta=None, localization=None, reference=None):
         """λ̂ ± 2·s.e. against step size for one (nβ, γ) setting, the choice starred.
@@ -264,97 +249,6 @@ def _values(name, value, *, allow_zero=False) -> list[float]:
     return [float(v) for v in items]
 
 
-def _tree_dot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _axpy(alpha, x, y):
-    """``alpha·x + y`` over pytrees."""
-    return jax.tree.map(lambda u, v: alpha * u + v, x, y)
-
-
-def _top_curvature(loss_fn, batch, position, probe, mask):
-    """|largest eigenvalue| of the Hessian of ``L_B`` on the sampled coordinates (power iteration)."""
-    grad = jax.grad(lambda p: loss_fn(p, batch))
-    masked = lambda u: jax.tree.map(jnp.multiply, u, mask)
-    hvp = lambda u: masked(jax.jvp(grad, (position,), (masked(u),))[1])
-
-    def body(u, _):
-        hu = hvp(u)
-        norm = jnp.sqrt(_tree_dot(hu, hu))
-        return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), hu), norm
-
-    _, norms = jax.lax.scan(body, masked(probe), None, length=_POWER_ITERATIONS)
-    return norms[-1]
-
-
-@partial(jax.jit, static_argnames=("loss_fn",))
-def _stiffness(loss_fn, batch, center, direction, probe, mask, radii, nbeta, dim):
-    """The larger Hessian scale of L_B at w* and at ``w* + r·z``, r the first of ``radii``
-    where ``nβ·(L_B(w* + r·z) − L_B(w*)) ≥ d/2`` (the last radius if none)."""
-    base = loss_fn(center, batch)
-    energy = jax.lax.map(lambda r: nbeta * (loss_fn(_axpy(r, direction, center), batch) - base), radii)
-    reached = jnp.nan_to_num(energy, nan=jnp.inf) >= dim / 2
-    radius = radii[jnp.where(jnp.any(reached), jnp.argmax(reached), radii.size - 1)]
-    both = jax.tree.map(lambda c, z: jnp.stack([c, c + radius * z]), center, direction)
-    curvature = jax.vmap(_top_curvature, in_axes=(None, None, 0, None, None))(loss_fn, batch, both, probe, mask)
-    return jnp.max(curvature)
-
-
-def _normal_like(key, tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
-def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param_mask=None,
-                       num_points: int = GRID_POINTS, factor: float = GRID_FACTOR) -> np.ndarray:
-    """A geometric grid of step sizes below the posterior's stiffness scale.
-
-    For the localized posterior the SGLD step is linearly stable for ε < 2/(nβ·h + γ), h the
-    largest Hessian eigenvalue of L_n along the way (REFERENCE.md §3: large weights make the
-    loss stiff). h is taken as the larger of its value at w* and at a typical posterior
-    point — w* plus a random direction scaled until ``nβ·(L − L(w*)) = d/2``, the most a
-    posterior draw carries on average (λ ≤ d/2) — because at singular points the Hessian at
-    w* can vanish. The grid is ``ε_top · factor^(−k)``, k = 0 … num_points−1, with
-    ``ε_top = 1/(nβ·h + γ)``; both are estimated on a probe batch of up to 4096 rows.
-
-    Args:
-      loss_fn, params, data: as in :func:`calibrate`.
-      key: PRNG key for the probe batch and directions.
-      nbeta: nβ > 0.
-      localization: γ ≥ 0.
-      param_mask: as in :func:`slt_jax.estimate_llc`.
-      num_points: grid size.
-      factor: ratio between neighbouring step sizes (> 1).
-
-    Returns:
-      Step sizes, increasing, shape ``(num_points,)``.
-    """
-    validation.check_positive("num_points", num_points, integer=True)
-    if not factor > 1:
-        raise ValueError(f"factor must be > 1, got {factor!r}")
-    n = validation.check_data(data)
-    key_batch, key_dir, key_power = jax.random.split(key, 3)
-    batch = minibatch(key_batch, data, min(n, _PROBE_ROWS))
-    params = jax.tree.map(jnp.asarray, params)
-    mask = masks.resolve_mask(param_mask, params)
-    mask = jax.tree.map(jnp.ones_like, params) if mask is None else mask
-    dim = masks.num_sampled(mask, params)
-    direction = jax.tree.map(jnp.multiply, _normal_like(key_dir, params), mask)
-    flat = ravel_pytree(params)[0]
-    scale = float(jnp.sqrt(jnp.mean(jnp.square(flat)))) + 1.0
-    top = 10.0 * scale if localization == 0 else min(10.0 * scale, 10.0 / math.sqrt(localization))
-    radii = jnp.logspace(math.log10(top) - 9, math.log10(top), _RADII, dtype=flat.dtype)
-    probe = _normal_like(key_power, params)
-    h = float(_stiffness(loss_fn, batch, params, direction, probe, mask, radii, nbeta, dim))
-    if not np.isfinite(h):
-        raise ValueError("loss_fn has a non-finite Hessian near params: cannot place a step-size grid; "
-                         "pass step_sizes explicitly")
-    top_step = 1.0 / (nbeta * h + localization)
-    return top_step * factor ** -np.arange(num_points)[::-1].astype(float)
-
-
 def _se(draws) -> float:
     """Standard error of the mean of ``draws`` ``(chains, draws)``: the larger of the
     chain-spread estimate and numpyro's ESS-based MCSE (either alone is optimistic with few
@@ -363,14 +257,6 @@ def _se(draws) -> float:
     spread = float(np.std(draws.mean(axis=1), ddof=1) / math.sqrt(chains)) if chains > 1 else 0.0
     mcse = mcse_mean(draws) if draws.shape[1] >= 4 else float("nan")
     return max(spread, mcse) if np.isfinite(mcse) else spread
-
-
-def _pooled(values):
-    """Inverse-variance mean and its standard error of ``[(mean, se), ...]``."""
-    means = np.array([v[0] for v in values])
-    se = np.array([v[1] for v in values])
-    weights = 1.0 / np.maximum(se, 1e-12 * np.abs(means) + 1e-300) ** 2
-    return float(np.sum(weights * means) / np.sum(weights)), float(1.0 / math.sqrt(np.sum(weights)))
 
 
 def calibrate(
@@ -587,131 +473,3 @@ def calibrate(
                   "default_grid": step_sizes is None,
                   "divergence_threshold": divergence_threshold},
     )
-
-
-class StepChoice(NamedTuple):
-    """The verdict on one (nβ, γ) setting's step sizes (see :func:`choose_step_size`).
-
-    Attributes:
-      status: one of :data:`STATUSES` per step size.
-      reason: why, per step size.
-      step_size: the recommended step size, or ``None`` when none is ``"ok"``.
-      why: why that one.
-    """
-
-    status: tuple
-    reason: tuple
-    step_size: float | None
-    why: str
-
-
-def _instability(mean, se, mala) -> str | None:
-    """Why a group is unstable on its own, or ``None``."""
-    if mean < -CHECK_Z * se:
-        return f"λ̂ = {mean:.3g} is significantly negative: w* is not a local minimum here"
-    if mala < MIN_MALA_ACCEPTANCE:
-        return f"MALA acceptance {mala:.2f} < {MIN_MALA_ACCEPTANCE}: far from the continuous-time limit"
-    return None
-
-
-def _drift(trend, trend_se, ref_trend, ref_trend_se, scale, rtol) -> str | None:
-    """Why a group's window trends unlike the reference's, or ``None``.
-
-    At equal simulated time every step size sees the same relaxation of the continuous
-    dynamics, so a trend shared with the reference is slow equilibration (measured later,
-    see :func:`equilibration_time`); a trend of its own is the discretisation drifting away.
-    """
-    excess = trend - ref_trend
-    if abs(excess) > rtol * abs(scale) + CHECK_Z * math.hypot(trend_se, ref_trend_se):
-        return (f"λ̂ trends within the window unlike the smallest stable step size ({excess:+.3g} more "
-                f"from first to second half, se {math.hypot(trend_se, ref_trend_se):.2g}): drifting away")
-    return None
-
-
-def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None, mala_acceptance=None,
-                     diverged=None, rtol: float = 0.05, z: float = 1.0) -> StepChoice:
-    """Classify one setting's step sizes and pick the largest that is stable and agrees.
-
-    A pure function of the per-group summaries, so the rule can be read and tested apart
-    from sampling. Walking up from the smallest step size: diverged groups are
-    ``"diverged"``; groups with a significantly negative λ̂ or a low MALA acceptance are
-    ``"unstable"``; the first stable group is the reference (``"ok"``); a later group whose
-    window trends more than the reference's (by ``rtol·|λ̂_ref|`` plus 3 standard errors) is
-    ``"unstable"`` (drifting away; a trend shared with the reference is slow equilibration,
-    which every step size sees alike at equal simulated time); a later stable group is
-    ``"ok"`` when ``|λ̂ − λ̂_ref| + z·se ≤ rtol·|λ̂_ref|`` against the inverse-variance mean
-    ``λ̂_ref`` of the ``"ok"`` groups below it (``se`` the standard error of the difference),
-    else ``"biased"``. After the first failure above the reference, agreeing groups are
-    ``"skipped"``: bias grows with ε, so agreement above a failure is luck.
-
-    Args:
-      step_sizes: increasing step sizes, shape ``(k,)``.
-      llc_mean, llc_se: λ̂ and its standard error per step size (NaN where every chain
-        diverged).
-      trend, trend_se: second-half minus first-half mean of the window, and its standard
-        error (default 0: not checked); compared with the reference's.
-      mala_acceptance: Metropolis acceptance per step size (default NaN: not checked).
-      diverged: diverged chains per step size (default 0).
-      rtol: relative tolerance of the agreement test.
-      z: standard errors added to the difference in that test.
-
-    Returns:
-      A :class:`StepChoice`.
-    """
-    step_sizes = np.asarray(step_sizes, float)
-    k = step_sizes.size
-    if step_sizes.ndim != 1 or k == 0 or np.any(np.diff(step_sizes) <= 0):
-        raise ValueError(f"step_sizes must be a non-empty increasing 1-D sequence, got {step_sizes}")
-    fill = lambda x, v: np.full(k, v, float) if x is None else np.asarray(x, float)
-    mean, se = fill(llc_mean, np.nan), fill(llc_se, np.nan)
-    trend, trend_se = fill(trend, 0.0), fill(trend_se, 0.0)
-    mala, diverged = fill(mala_acceptance, np.nan), fill(diverged, 0.0)
-    for name, x in (("llc_mean", mean), ("llc_se", se), ("trend", trend), ("trend_se", trend_se),
-                    ("mala_acceptance", mala), ("diverged", diverged)):
-        if x.shape != (k,):
-            raise ValueError(f"{name} must have shape ({k},) like step_sizes, got {x.shape}")
-
-    status, reason = [None] * k, [None] * k
-    accepted, failed_at, first = [], None, None
-    for g in range(k):
-        if diverged[g] > 0 or not np.isfinite(mean[g]):
-            status[g], reason[g] = "diverged", f"{int(diverged[g])} chain(s) diverged"
-        elif (why := _instability(mean[g], se[g], mala[g])) is not None:
-            status[g], reason[g] = "unstable", why
-        elif first is None:
-            status[g], reason[g] = "ok", "reference: the smallest stable step size"
-            accepted.append((mean[g], se[g]))
-            first = g
-            continue
-        elif (why := _drift(trend[g], trend_se[g], trend[first], trend_se[first], mean[first], rtol)) is not None:
-            status[g], reason[g] = "unstable", why
-        else:
-            ref, ref_se = _pooled(accepted)
-            diff, diff_se = mean[g] - ref, math.hypot(se[g], ref_se)
-            text = (f"λ̂ {diff / ref:+.1%} from the smaller step sizes' {ref:.4g} "
-                    f"(se of the difference {abs(diff_se / ref):.1%}, tolerance {rtol:.0%})")
-            if abs(diff) + z * diff_se > rtol * abs(ref):
-                status[g], reason[g] = "biased", text
-            elif failed_at is None:
-                status[g], reason[g] = "ok", text
-                accepted.append((mean[g], se[g]))
-                continue
-            else:
-                status[g], reason[g] = "skipped", f"{text}; above the failed step size {failed_at:.3g}"
-                continue
-        if accepted and failed_at is None:
-            failed_at = step_sizes[g]
-
-    ok = [g for g in range(k) if status[g] == "ok"]
-    if not ok:
-        return StepChoice(tuple(status), tuple(reason), None,
-                          "every step size diverged or was unstable: lower step_sizes, or check that w* "
-                          "is a minimum")
-    best = ok[-1]
-    if len(ok) == 1:
-        why = "the only stable step size: nothing smaller to check it against — extend step_sizes down"
-    else:
-        why = f"the largest stable step size within {rtol:.0%} of the smaller ones"
-    if best + 1 < k:
-        why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
-    return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why)

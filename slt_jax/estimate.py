@@ -213,10 +213,8 @@ def estimate_llc(
                                 param_mask=param_mask, divergence_threshold=divergence_threshold, mesh=mesh,
                                 chunk_size=chunk_size, progress=progress)
     if calibration is not None:
-        with warnings.catch_warnings():
-            # The sweep's probe may not have settled; the estimate's own chains decide below.
-            warnings.simplefilter("ignore", CalibrationWarning)
-            step_size = calibration.recommended(nbeta, localization)
+        # The sweep's probe may not have settled; the estimate's own chains decide below.
+        step_size = calibration.recommended(nbeta, localization, warn=False)
         burnin, draws = calibration.schedule(step_size, steps_per_draw, nbeta, localization)
         num_burnin, num_draws = max(num_burnin, burnin), max(num_draws, draws)
 

@@ -13,14 +13,9 @@ import numpy as np
 import pytest
 
 import slt_jax
-from slt_jax.calibration import (
-    GRID_FACTOR,
-    GRID_POINTS,
-    CalibrationError,
-    calibrate,
-    choose_step_size,
-    default_step_sizes,
-)
+from slt_jax.calibration import CalibrationError, calibrate
+from slt_jax.step_choice import choose_step_size
+from slt_jax.step_grid import GRID_FACTOR, GRID_POINTS, default_step_sizes
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
