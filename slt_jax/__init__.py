@@ -35,7 +35,8 @@ from slt_jax.samplers import KernelFactory, SamplingAlgorithm
 from slt_jax.sharding import make_mesh
 from slt_jax.stages import Stages, detect_stages
 from slt_jax.temperature import FreeEnergyResult, estimate_free_energy
-from slt_jax.trajectory import LLCCurve, escaped_chains, llc_trajectory
+from slt_jax.llc_curve import LLCCurve
+from slt_jax.trajectory import escaped_chains, llc_trajectory
 
 __all__ = [
     "Calibration",

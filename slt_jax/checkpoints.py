@@ -310,3 +310,21 @@ class CheckpointTrajectory:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
             checkpointer.close()
+
+
+def infer_template(directory, step: int, item: str | None, select):
+    """The parameter shapes of one checkpoint, from its metadata (nothing is restored)."""
+    paths = {ocp.utils.step_from_checkpoint_name(p.name): p
+             for p in ocp.utils.checkpoint_steps_paths(epath.Path(directory))}
+    item_path = paths[step] / ("default" if item is None else item)
+    if not item_path.is_dir():
+        items = sorted(p.name for p in paths[step].iterdir() if p.is_dir())
+        raise ValueError(f"step {step}: {str(paths[step])!r} has no item "
+                         f"{'default' if item is None else item!r} (items: {items}); pass item=<name>")
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        metadata = checkpointer.handler.metadata(item_path).tree
+    finally:
+        checkpointer.close()
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+    return abstract if select is None else jax.eval_shape(select, abstract)

@@ -21,33 +21,25 @@ downhill and their λ̂ measures the slide, not the point. Two guards:
   and plots use the unflagged rows.
 """
 
-import csv
-import dataclasses
 import inspect
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 from tqdm.auto import tqdm
 
 from slt_jax import validation
-from slt_jax.checkpoints import CheckpointTrajectory, list_steps
-from slt_jax.early_warning import EarlyWarning, early_warning
+from slt_jax.checkpoints import CheckpointTrajectory, infer_template, list_steps
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
 from slt_jax.estimators.llc import llc_statistics
-from slt_jax.plots import plot_early_warning, plot_llc_curve
+from slt_jax.llc_curve import COLUMNS, LLCCurve
 from slt_jax.posterior import default_nbeta
 from slt_jax.results_store import ResultsStore
 from slt_jax.samplers import get_kernel
-from slt_jax.stages import Stages, detect_stages
 
 DEFAULT_LOCALIZATION_PER_NBETA = 0.1
 ESCAPE_LLC = 10.0
@@ -56,11 +48,6 @@ _SAMPLER_SETTINGS = (
     "num_chains", "num_draws", "num_burnin", "steps_per_draw", "batch_size", "sampler",
     "loss_estimator", "eval_data", "param_mask", "divergence_threshold", "on_divergence",
     "chunk_size",
-)
-COLUMNS = (
-    "step", "llc_mean", "llc_std", "llc_se", "init_loss", "free_energy_approx", "nbeta",
-    "localization", "n", "num_chains", "diverged_chains", "escaped_chains", "flagged", "ess",
-    "rhat",
 )
 
 
@@ -100,205 +87,6 @@ def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localizat
         late = distance[:, distance.shape[1] // 2:].mean(axis=1)
         slid |= late > ESCAPE_DISTANCE_FACTOR * num_sampled / localization
     return slid
-
-
-@dataclasses.dataclass(frozen=True)
-class LLCCurve:
-    """λ̂ at each checkpoint of a training run, with the settings that produced it.
-
-    Attributes:
-      rows: one dict per checkpoint step, sorted by step, with the keys in ``COLUMNS``:
-        ``llc_mean``/``llc_std``/``llc_se`` (over chains that neither diverged nor escaped),
-        ``init_loss`` (L_n(w*)), ``free_energy_approx`` (``n·L_n(w*) + λ̂·log n``, Watanabe's
-        asymptotic free energy without the O(log log n) term; meaningful when the loss is
-        the per-sample negative log-likelihood in nats), ``nbeta``, ``localization``, ``n``,
-        ``num_chains``, ``diverged_chains`` and ``escaped_chains`` (counts), ``flagged``
-        (any chain diverged or escaped), ``ess`` and ``rhat`` of the λ̂ trace.
-      settings: every setting shared by the rows (JSON-ready).
-    """
-
-    rows: tuple
-    settings: dict
-
-    def column(self, name: str) -> np.ndarray:
-        """One column as a float array (NaN where a value is missing)."""
-        if name not in COLUMNS:
-            raise ValueError(f"column {name!r} is not one of {COLUMNS}")
-        return np.array([np.nan if row.get(name) is None else row[name] for row in self.rows],
-                        dtype=np.float64)
-
-    @property
-    def steps(self) -> np.ndarray:
-        """Checkpoint steps, shape ``(rows,)``."""
-        return np.array([row["step"] for row in self.rows], dtype=np.int64)
-
-    @property
-    def healthy(self) -> np.ndarray:
-        """Rows to trust: not flagged, with a finite λ̂ and standard error."""
-        flagged = np.array([bool(row["flagged"]) for row in self.rows], dtype=bool)
-        finite = np.isfinite(self.column("llc_mean")) & np.isfinite(self.column("llc_se"))
-        return finite & ~flagged
-
-    def stages(self, *, smoothing: float = 0.1, alpha: float = 0.05) -> Stages:
-        """Stage boundaries of the λ̂ curve over the healthy rows (arXiv:2402.02364).
-
-        Args:
-          smoothing: Gaussian kernel width in decades of log10(step + 1).
-          alpha: false-boundary probability of a trendless curve
-            (see :func:`slt_jax.stages.detect_stages`).
-
-        Returns:
-          A :class:`~slt_jax.stages.Stages` over the healthy rows.
-        """
-        keep = self.healthy
-        if keep.sum() < 3:
-            raise ValueError(f"stage detection needs at least 3 healthy rows, got {int(keep.sum())}")
-        return detect_stages(self.steps[keep], self.column("llc_mean")[keep],
-                             self.column("llc_se")[keep], smoothing=smoothing, alpha=alpha)
-
-    def early_warning(self, name: str = "llc_mean", *, seed=0, **kwargs) -> EarlyWarning:
-        """Early-warning indicators of one column over the healthy rows, one sample per row.
-
-        Args:
-          name: the column (e.g. ``"llc_mean"`` or ``"init_loss"``).
-          seed: seed of the surrogate series.
-          **kwargs: passed to :func:`slt_jax.early_warning.early_warning`.
-
-        Returns:
-          An :class:`~slt_jax.early_warning.EarlyWarning`.
-        """
-        return early_warning(self.column(name)[self.healthy], seed=seed, **kwargs)
-
-    def plot(self, path=None, *, stages: Stages | None = None, loss=None, events=(),
-             title: str | None = None):
-        """Loss and λ̂ (± 2 s.e.) over steps, stage boundaries, flagged steps marked with ×.
-
-        Args:
-          path: optional PNG path.
-          stages: boundaries to draw (e.g. :meth:`stages`).
-          loss: the loss to draw above λ̂, one value per row; default ``init_loss``.
-          events: steps to mark on the loss panel (e.g. known loss drops), dotted green.
-          title: optional figure title.
-
-        Returns:
-          The matplotlib ``Figure``.
-        """
-        keep = self.healthy
-        if not keep.any():
-            raise ValueError("no healthy rows to plot: every step is flagged")
-        loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
-        if loss.shape != (len(self.rows),):
-            raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
-        fig = plot_llc_curve(
-            self.steps[keep], self.column("llc_mean")[keep], self.column("llc_se")[keep],
-            loss=loss[keep], boundaries=None if stages is None else stages.boundaries, title=title,
-        )
-        if not keep.all():
-            # The loss is valid at every step, flagged or not: draw all of it.
-            loss_ax, llc_ax = fig.axes
-            loss_ax.lines[0].set_data(self.steps, loss)
-            loss_ax.relim()
-            loss_ax.autoscale_view()
-            llc_ax.plot(self.steps[~keep], np.full(int((~keep).sum()), llc_ax.get_ylim()[0]), "x",
-                        color="C3", clip_on=False, label="flagged: chains escaped or diverged")
-            llc_ax.legend(loc="best", fontsize="small")
-        for event in events:
-            fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
-        if path is not None:
-            fig.savefig(os.fspath(path), format="png", dpi=120)
-        return fig
-
-    def write(self, out_dir, *, stages: Stages | None = None, loss=None, events=(), seed=0,
-              title: str | None = None) -> dict:
-        """Write ``llc_curve.csv``, ``llc_curve.json`` (with the stages), ``llc_curve.png``
-        and, with at least 6 healthy rows, ``early_warning.png`` (indicators of λ̂).
-
-        Args:
-          out_dir: output directory (created if missing).
-          stages: stage boundaries to record and draw.
-          loss, events, title: passed to :meth:`plot`.
-          seed: seed of the early-warning surrogates.
-
-        Returns:
-          The written paths by kind (``csv``, ``json``, ``plot``, ``early_warning``).
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"csv": out / "llc_curve.csv", "json": out / "llc_curve.json"}
-        self.to_csv(paths["csv"])
-        document = self.to_dict()
-        if stages is not None:
-            document["stages"] = _json_ready({
-                "boundaries": stages.boundaries.tolist(), "plateaus": stages.plateaus.tolist(),
-                "smoothing": stages.smoothing, "threshold": stages.threshold})
-        paths["json"].write_text(json.dumps(document, indent=1), encoding="utf-8")
-        keep = self.healthy
-        if keep.any():
-            paths["plot"] = out / "llc_curve.png"
-            self.plot(paths["plot"], stages=stages, loss=loss, events=events, title=title)
-        if keep.sum() >= 6:
-            paths["early_warning"] = out / "early_warning.png"
-            plot_early_warning(self.steps[keep], self.column("llc_mean")[keep],
-                               self.early_warning(seed=seed), log_steps=True,
-                               path=paths["early_warning"])
-        return paths
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable dict ``{"settings", "rows"}`` (non-finite numbers as None)."""
-        return _json_ready({"settings": self.settings, "rows": list(self.rows)})
-
-    def to_json(self, path=None) -> str:
-        """Serialise with :meth:`to_dict`; also write to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as file:
-                file.write(text)
-        return text
-
-    def to_csv(self, path) -> None:
-        """Write the rows as CSV with the columns in ``COLUMNS`` (empty cell for NaN)."""
-        with open(path, "w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS)
-            writer.writeheader()
-            for row in _json_ready(list(self.rows)):
-                writer.writerow({key: "" if row.get(key) is None else row[key] for key in COLUMNS})
-
-    def __str__(self) -> str:
-        lines = [f"{'step':>8} {'λ̂':>9} {'± se':>7} {'L_n(w*)':>11} {'flag':>5}"]
-        for row in self.rows:
-            mark = "×" if row["flagged"] else ""
-            lines.append(f"{row['step']:>8d} {row['llc_mean']:>9.3f} {row['llc_se']:>7.3f} "
-                         f"{row['init_loss']:>11.5g} {mark:>5}")
-        return "\n".join(lines)
-
-
-def _json_ready(value):
-    """Plain JSON values: non-finite floats become None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _infer_template(directory, step: int, item: str | None, select):
-    """The parameter shapes of one checkpoint, from its metadata (nothing is restored)."""
-    paths = {ocp.utils.step_from_checkpoint_name(p.name): p
-             for p in ocp.utils.checkpoint_steps_paths(epath.Path(directory))}
-    item_path = paths[step] / ("default" if item is None else item)
-    if not item_path.is_dir():
-        items = sorted(p.name for p in paths[step].iterdir() if p.is_dir())
-        raise ValueError(f"step {step}: {str(paths[step])!r} has no item "
-                         f"{'default' if item is None else item!r} (items: {items}); pass item=<name>")
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    try:
-        metadata = checkpointer.handler.metadata(item_path).tree
-    finally:
-        checkpointer.close()
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
-    return abstract if select is None else jax.eval_shape(select, abstract)
 
 
 def _row(step: int, result, localization: float) -> dict:
@@ -432,7 +220,7 @@ def llc_trajectory(
     rows = dict(done)
     if todo:
         if template is None:
-            template = _infer_template(checkpoint_dir, todo[0], item, select)
+            template = infer_template(checkpoint_dir, todo[0], item, select)
         trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item,
                                           select=select, steps=todo, prefetch=prefetch)
         data = jax.device_put(data)
