@@ -7,7 +7,9 @@ every parameter and pulls towards w*. This script measures, on the machine it ru
     draw with the free ``"minibatch"`` loss record) against one plain jitted SGD step of the
     same model on the same on-device minibatch (a ``lax.scan`` of SGD steps, so neither pays
     Python dispatch per step), for a small MLP and a ~1M-parameter MLP at batch 32, 128, 512
-    and 2048; and the noise alone (``tree_normal`` over the parameters);
+    and 2048; and the noise alone (``tree_normal`` over the parameters). The same for
+    ``sampler="sgld_rademacher"`` (±1 noise, one random bit per parameter: the simplified weak
+    Euler step, :mod:`slt_jax.samplers.sgld`);
   * noise: ``jax.random.normal`` for 1M parameters with each PRNG implementation
     (threefry2x32, rbg, unsafe_rbg);
   * progress: a run in the default ~20 chunks (progress bar granularity) against one chunk;
@@ -44,8 +46,8 @@ from slt_jax import sharding
 from slt_jax.chains import ChainInputs, RunConfig, _advance, chain_keys, init_chains, per_chain, run_chains
 from slt_jax.divergence import Divergence
 from slt_jax.posterior import LocalPosterior, minibatch
-from slt_jax.samplers import SGLD
-from slt_jax.samplers.noise import normal, tree_normal
+from slt_jax.samplers import SGLD, SGLD_RADEMACHER
+from slt_jax.samplers.noise import normal, tree_normal, tree_rademacher
 
 MODELS = {"small": (16, 64, 64, 1), "1M": (512, 1024, 512, 16)}
 BATCHES = (32, 128, 512, 2048)
@@ -103,9 +105,9 @@ def best_times(fns: dict, rounds: int) -> dict:
     return {name: (wall[name], cpu[name]) for name in fns}
 
 
-def sgld_setup(params, data, batch_size, mesh=None, loss_estimator="minibatch"):
+def sgld_setup(params, data, batch_size, mesh=None, loss_estimator="minibatch", kernel=SGLD):
     """The RunConfig and ChainInputs ``estimate_llc`` would build for this model."""
-    config = RunConfig(mlp_loss, SGLD, batch_size, 1, loss_estimator, batch_size, mesh)
+    config = RunConfig(mlp_loss, kernel, batch_size, 1, loss_estimator, batch_size, mesh)
     inputs = ChainInputs(
         step_size=jnp.float32(STEP_SIZE),
         posterior=LocalPosterior(params, jnp.float32(NBETA), jnp.float32(LOCALIZATION)),
@@ -144,8 +146,8 @@ def sgd_run(params, data, batch_size, num_steps):
     return lambda: train(params, jax.random.key(2))
 
 
-def noise_run(params, num_steps):
-    """A closure drawing ``num_steps`` noise pytrees like ``params``.
+def noise_run(params, num_steps, draw_tree=tree_normal):
+    """A closure drawing ``num_steps`` noise pytrees like ``params`` with ``draw_tree``.
 
     Each draw is summed, so none is optimised away; the sum reads the draw once, like the
     SGLD update does.
@@ -154,7 +156,7 @@ def noise_run(params, num_steps):
     @jax.jit
     def draw(key):
         def body(total, t):
-            noise = tree_normal(jax.random.fold_in(key, t), params)
+            noise = draw_tree(jax.random.fold_in(key, t), params)
             return total + sum(jnp.sum(x) for x in jax.tree.leaves(noise)), None
 
         return jax.lax.scan(body, jnp.zeros(()), jnp.arange(num_steps))[0]
@@ -171,17 +173,24 @@ def step_cost(quick: bool):
             # Enough steps that a run takes ≥ ~0.2 s, so dispatch and set-up are amortised.
             steps = {"small": 400, "1M": 10 if quick else 20}[name]
             config, inputs = sgld_setup(params, data, batch_size)
+            rademacher, _ = sgld_setup(params, data, batch_size, kernel=SGLD_RADEMACHER)
             t = best_times({"sgd": sgd_run(params, data, batch_size, steps),
                             "sgld": sgld_run(config, inputs, 1, steps),
-                            "noise": noise_run(params, steps)}, 3 if quick else 6)
+                            "sgld_rademacher": sgld_run(rademacher, inputs, 1, steps),
+                            "noise": noise_run(params, steps),
+                            "signs": noise_run(params, steps, tree_rademacher)}, 3 if quick else 6)
             ms = {name_: (1e3 * w / steps, 1e3 * c / steps) for name_, (w, c) in t.items()}
             rows.append({"model": name, "num_params": num_params(params), "batch_size": batch_size,
                          "sgd_ms": ms["sgd"][0], "sgld_ms": ms["sgld"][0], "noise_ms": ms["noise"][0],
                          "sgld_over_sgd": ms["sgld"][0] / ms["sgd"][0],
                          "sgd_cpu_ms": ms["sgd"][1], "sgld_cpu_ms": ms["sgld"][1],
-                         "sgld_over_sgd_cpu": ms["sgld"][1] / ms["sgd"][1]})
+                         "sgld_over_sgd_cpu": ms["sgld"][1] / ms["sgd"][1],
+                         "rademacher_ms": ms["sgld_rademacher"][0], "signs_ms": ms["signs"][0],
+                         "rademacher_over_sgd": ms["sgld_rademacher"][0] / ms["sgd"][0],
+                         "rademacher_over_sgd_cpu": ms["sgld_rademacher"][1] / ms["sgd"][1]})
             print(f"  step cost {name} batch {batch_size}: SGLD/SGD = {rows[-1]['sgld_over_sgd']:.2f} wall, "
-                  f"{rows[-1]['sgld_over_sgd_cpu']:.2f} CPU", file=sys.stderr)
+                  f"{rows[-1]['sgld_over_sgd_cpu']:.2f} CPU; Rademacher {rows[-1]['rademacher_over_sgd']:.2f} wall",
+                  file=sys.stderr)
     return rows
 
 
@@ -281,6 +290,9 @@ def main():
     print(f"## Step cost ({results['device']}, jax {jax.__version__})\n")
     print(markdown(results["step_cost"], ["model", "num_params", "batch_size", "sgd_ms", "sgld_ms",
                                           "noise_ms", "sgld_over_sgd", "sgld_over_sgd_cpu"]))
+    print("\n## Step cost with Rademacher noise (sampler=\"sgld_rademacher\")\n")
+    print(markdown(results["step_cost"], ["model", "batch_size", "sgd_ms", "rademacher_ms", "signs_ms",
+                                          "rademacher_over_sgd", "rademacher_over_sgd_cpu"]))
     print("\n## 1M float32 standard normals\n")
     print(markdown(results["noise_impls"], ["generator", "wall_ms", "cpu_ms"]))
     print("\n## Progress (chunked scan) cost\n")

@@ -2,10 +2,10 @@
 
 from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
 from slt_jax.samplers.rmsprop_sgld import RMSPROP_SGLD, RMSPropSGLDState, rmsprop_sgld, rmsprop_sgld_kernel
-from slt_jax.samplers.sgld import SGLD, SGLDState, sgld
+from slt_jax.samplers.sgld import SGLD, SGLD_RADEMACHER, SGLDState, sgld, sgld_kernel
 from slt_jax.samplers.sgnht import SGNHT, SGNHTState, sgnht, sgnht_kernel
 
-KERNELS = {kernel.name: kernel for kernel in (SGLD, RMSPROP_SGLD, SGNHT)}
+KERNELS = {kernel.name: kernel for kernel in (SGLD, SGLD_RADEMACHER, RMSPROP_SGLD, SGNHT)}
 
 
 def get_kernel(sampler) -> KernelFactory:
@@ -18,7 +18,7 @@ def get_kernel(sampler) -> KernelFactory:
 
 
 __all__ = [
-    "KERNELS", "KernelFactory", "RMSPROP_SGLD", "RMSPropSGLDState", "SGLD", "SGLDState", "SGNHT",
-    "SGNHTState", "SamplingAlgorithm", "get_kernel", "rmsprop_sgld", "rmsprop_sgld_kernel", "sgld",
-    "sgnht", "sgnht_kernel",
+    "KERNELS", "KernelFactory", "RMSPROP_SGLD", "RMSPropSGLDState", "SGLD", "SGLDState", "SGLD_RADEMACHER",
+    "SGNHT", "SGNHTState", "SamplingAlgorithm", "get_kernel", "rmsprop_sgld", "rmsprop_sgld_kernel", "sgld",
+    "sgld_kernel", "sgnht", "sgnht_kernel",
 ]

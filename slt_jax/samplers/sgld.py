@@ -3,15 +3,25 @@
 Lau et al., arXiv:2308.12108, eq. for SGLD with localization (REFERENCE.md §1)::
 
     Δw = (ε/2)·(−nβ·∇L_B(w) − γ·(w − w*)) + N(0, ε·I)
+
+``noise="rademacher"`` replaces N(0, ε·I) by √ε·ξ with independent signs ξ = ±1: the
+simplified weak Euler scheme (Kloeden & Platen 1992, §14.1), of the same weak order 1 as the
+Gaussian (Euler–Maruyama) step, since the increments' first three moments agree. λ̂ is an
+expectation — a weak quantity — so both converge to the same value as ε → 0, and on a quadratic
+loss the chain's stationary covariance (hence E[λ̂]) is the Gaussian step's exactly, at any ε:
+it depends on the noise only through its covariance. It draws one random bit per parameter
+instead of a normal (``benchmarks/step_cost.py``), which matters at small batch and large
+models. Not for ``mala=True`` (MALA's proposal density is Gaussian).
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
-from slt_jax.samplers.noise import tree_normal
+from slt_jax.samplers.noise import tree_normal, tree_rademacher
 
 PyTree = Any
 
@@ -24,7 +34,10 @@ class SGLDInfo(NamedTuple):
     """SGLD reports nothing beyond what the runner records (loss, distance)."""
 
 
-def sgld(step_size, nbeta, localization, center, mask=None) -> SamplingAlgorithm:
+NOISES = {"gaussian": tree_normal, "rademacher": tree_rademacher}
+
+
+def sgld(step_size, nbeta, localization, center, mask=None, *, noise: str = "gaussian") -> SamplingAlgorithm:
     """Build the SGLD kernel for the posterior ∝ exp(−nβ·L(w) − γ/2·‖w − w*‖²).
 
     Args:
@@ -34,22 +47,27 @@ def sgld(step_size, nbeta, localization, center, mask=None) -> SamplingAlgorithm
       center: w*, the pytree where the LLC is measured.
       mask: optional pytree like ``center`` of 0/1 floats; coordinates with 0 stay at w*
         (weight-refined LLC, Wang et al. arXiv:2410.02984).
+      noise: ``"gaussian"`` (N(0, I)) or ``"rademacher"`` (±1 signs; see the module docstring).
 
     Returns:
       A :class:`SamplingAlgorithm`.
     """
 
+    if noise not in NOISES:
+        raise ValueError(f"noise={noise!r} is not one of {sorted(NOISES)}")
+    draw = NOISES[noise]
+
     def init(position):
         return SGLDState(position)
 
     def step(key, state, loss_grad):
-        noise = tree_normal(key, state.position)
+        xi = draw(key, state.position)
 
         def delta(w, w0, g, xi):
             drift = -nbeta * g - localization * (w - w0)
             return (0.5 * step_size * drift + jnp.sqrt(step_size) * xi).astype(w.dtype)
 
-        deltas = jax.tree.map(delta, state.position, center, loss_grad, noise)
+        deltas = jax.tree.map(delta, state.position, center, loss_grad, xi)
         if mask is not None:
             deltas = jax.tree.map(jnp.multiply, deltas, mask)
         return SGLDState(jax.tree.map(jnp.add, state.position, deltas)), SGLDInfo()
@@ -57,4 +75,21 @@ def sgld(step_size, nbeta, localization, center, mask=None) -> SamplingAlgorithm
     return SamplingAlgorithm(init, step)
 
 
-SGLD = KernelFactory("sgld", sgld)
+@functools.lru_cache(maxsize=None)
+def sgld_kernel(noise: str = "gaussian") -> KernelFactory:
+    """An SGLD :class:`KernelFactory` with the given noise.
+
+    Args:
+      noise: ``"gaussian"`` or ``"rademacher"``.
+
+    Returns:
+      A factory named ``"sgld"`` (Gaussian) or ``"sgld_rademacher"``. Equal arguments return
+      the same factory, so repeated runs reuse one compiled program.
+    """
+    if noise not in NOISES:
+        raise ValueError(f"noise={noise!r} is not one of {sorted(NOISES)}")
+    return KernelFactory("sgld" if noise == "gaussian" else f"sgld_{noise}", functools.partial(sgld, noise=noise))
+
+
+SGLD = sgld_kernel()
+SGLD_RADEMACHER = sgld_kernel("rademacher")
