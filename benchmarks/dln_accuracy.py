@@ -16,8 +16,9 @@ The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scal
     (``slt_jax.calibration``: 4 step sizes × 4 chains, compared at equal simulated time),
     then ``--chains`` chains with burn-in and draws set by the calibration (at least
     ``--burnin`` and ``--draws``), the burn-in read off the chains' own λ̂ trace and the run
-    doubled while λ̂ still trends, up to 8× (``slt_jax.equilibration``; the row records the
-    steps run and the doublings);
+    doubled while λ̂ still trends, up to 8× — or while it still reads the Laplace value of w*
+    (``settings["equilibration"]["laplace"]``), up to 64× (``slt_jax.equilibration``; the
+    row records the steps run, the doublings and whether the run sat on that plateau);
   * ground truth: ``dln_learning_coefficient(widths, r)``; multiplicity m > 1 adds a
     negative finite-n correction of order (m − 1)/log(nβ) (REFERENCE.md §3), so the table
     also reports the m = 1 networks on their own, and the networks whose estimate found λ̂
@@ -123,6 +124,11 @@ def run_network(key, scale: str, n: int, chains: int, burnin: int, draws: int) -
         extensions=result.settings["equilibration"]["extensions"], reason=calibration["reason"],
         warnings=sorted({type(w.message).__name__ for w in caught}), seconds=time.perf_counter() - start,
         plateau=bool(laplace < PLATEAU_GAP * lam and abs(result.llc_mean / laplace - 1) < PLATEAU_GAP_REL),
+        # What estimate_llc itself saw: its own Laplace value (dense or stochastic Lanczos) and
+        # whether the run sat on it (then extended up to max_plateau_extension).
+        laplace_estimate=result.settings["equilibration"]["laplace"],
+        plateau_seen=result.settings["equilibration"]["plateau"],
+        still_at_plateau=result.settings["equilibration"]["still_at_plateau"],
     )
     return row
 
@@ -192,8 +198,9 @@ def main(argv=None):
 
     start = time.perf_counter()
     rows = []
-    print("| scale | widths | r | d | λ (m) | Laplace | λ̂ ± se | rel. error | ε | equilibrated | plateau | time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scale | widths | r | d | λ (m) | Laplace | λ̂ ± se | rel. error | ε | steps (doublings) | equilibrated | "
+          "plateau seen | reads plateau | time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s, (scale, count) in enumerate(zip(args.scales, counts)):
         for i in range(count):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), s), i)
@@ -203,8 +210,9 @@ def main(argv=None):
             eps = "—" if row["step_size"] is None else f"{row['step_size']:.2g}"
             print(f"| {scale} | {'-'.join(map(str, row['widths']))} | {row['rank']} | {row['num_params']} | "
                   f"{row['lambda']:g} ({row['multiplicity']}) | {row['laplace']:g} | {est} | {_pct(row['rel_error'])} | "
-                  f"{eps} | {'yes' if row.get('equilibrated') else 'no'} | {'yes' if row.get('plateau') else ''} | "
-                  f"{row['seconds']:.0f} s |", flush=True)
+                  f"{eps} | {row.get('num_steps', '—')} ({row.get('extensions', '—')}) | "
+                  f"{'yes' if row.get('equilibrated') else 'no'} | {'yes' if row.get('plateau_seen') else ''} | "
+                  f"{'yes' if row.get('plateau') else ''} | {row['seconds']:.0f} s |", flush=True)
     wall = time.perf_counter() - start
 
     summary = {"all": summarise(rows)}

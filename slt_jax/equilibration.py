@@ -11,7 +11,14 @@ transient; :func:`run_until_equilibrated` records the whole run, and doubles it 
 — until :func:`equilibration_time` finds a burn-in after which λ̂ no longer trends.
 
 No test of a finite trace can tell a long metastable plateau from equilibrium: a trace flat
-so far may still climb later. The cap and the test's tolerance are recorded with the result.
+so far may still climb later. One plateau has a known level, though: chains that have only
+seen the quadratic part of L_n read its Laplace value (:mod:`slt_jax.laplace`). An 8-layer DLN
+(61-86-49-29-30-14-68-62, rank 2, λ = 268) held λ̂ ≈ 123 against a Laplace value of 121 for
+~20k steps at its calibrated ε = 1.7e-7 — flat enough to pass the trend test after 1750 — and
+reached 270 only after ~55k. So a run may also be given a ``plateau`` test: while λ̂ still
+reads the Laplace value at a point where the Hessian leaves directions unconfined, the run
+keeps doubling, up to its own (longer) cap. The caps and the tests' tolerances are recorded
+with the result.
 """
 
 import math
@@ -65,6 +72,40 @@ def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
     return None
 
 
+# λ̂ within this fraction of the Laplace value (plus 2 standard errors) reads as the plateau.
+# Measured: plateaus sat +0.1 % (19.03 vs 19.007) and +1.5 % (122.8 vs 121) above it; the
+# nearly regular DLN 23-30-11-11-27 (λ = 186.5) read 193.3 ± 0.6 against 184.5 (+4.8 %).
+PLATEAU_RTOL = 0.03
+# Points whose Laplace value is this close to d/2 leave (almost) no direction unconfined.
+REGULAR_FRACTION = 0.9
+
+
+def laplace_plateau(laplace_llc: float, laplace_se: float, num_sampled: int,
+                    rtol: float = PLATEAU_RTOL) -> Callable | None:
+    """The ``plateau`` test of :func:`run_until_equilibrated` for a point's Laplace value.
+
+    Args:
+      laplace_llc: ½ Σ nβh/(nβh + γ) at w* (:func:`slt_jax.laplace_llc`).
+      laplace_se: its standard error (0 when exact).
+      num_sampled: the number of sampled coordinates d.
+      rtol: the relative distance from the Laplace value that still reads as the plateau.
+
+    Returns:
+      ``plateau(llc) -> bool``, True when the chains' mean λ̂ is within
+      ``rtol·laplace_llc + 2·se`` of it (se combining the chains' spread and ``laplace_se``);
+      or None when the Laplace value is at least :data:`REGULAR_FRACTION` of d/2: a (nearly)
+      regular point has no plateau to leave.
+    """
+    if not 2.0 * laplace_llc < REGULAR_FRACTION * num_sampled:
+        return None
+
+    def plateau(llc) -> bool:
+        mean, se = _level(llc)
+        return abs(mean - laplace_llc) <= rtol * laplace_llc + 2.0 * math.hypot(se, laplace_se)
+
+    return plateau
+
+
 def _spread_se(draws) -> float:
     """Standard error of one chain's mean from its draws' spread, ignoring autocorrelation."""
     return float(np.std(draws, ddof=1) / math.sqrt(draws.size))
@@ -80,6 +121,9 @@ class Equilibrated(NamedTuple):
       num_steps: the steps every chain ran.
       equilibrated: whether λ̂ stopped trending within the cap.
       extensions: how many times the run was doubled.
+      plateau: whether the ``plateau`` test held at some round (the run was then allowed up to
+        ``max_plateau_extension``).
+      still_at_plateau: whether it still held when the run stopped.
     """
 
     state: object
@@ -88,6 +132,23 @@ class Equilibrated(NamedTuple):
     num_steps: int
     equilibrated: bool
     extensions: int
+    plateau: bool = False
+    still_at_plateau: bool = False
+
+
+def _level(llc):
+    """Mean λ̂ of ``(chains, draws)`` and its standard error from the chains' spread."""
+    means = np.asarray(llc, float).mean(axis=1)
+    se = float(np.std(means, ddof=1) / math.sqrt(means.size)) if means.size > 1 else 0.0
+    return float(means.mean()), se
+
+
+def _agree(level, previous, rtol, z) -> bool:
+    """Two rounds' λ̂ agree: their difference plus ``z`` standard errors within ``rtol``."""
+    if level is None or previous is None:
+        return False
+    (a, se_a), (b, se_b) = level, previous
+    return abs(a - b) + z * math.hypot(se_a, se_b) <= rtol * abs(a)
 
 
 def _concat(records):
@@ -97,9 +158,11 @@ def _concat(records):
 
 def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, num_chains: int,
                            num_burnin: int, num_draws: int, max_extension: float, rtol: float = 0.05,
-                           z: float = 1.0, chunk_size=None, progress=True) -> Equilibrated:
+                           z: float = 1.0, plateau: Callable | None = None, max_plateau_extension: float = 1.0,
+                           chunk_size=None, progress=True) -> Equilibrated:
     """Run the planned ``num_burnin + num_draws·steps_per_draw`` steps, recording from step 0,
-    and double the run while λ̂ still trends, up to ``max_extension`` times the plan.
+    and double the run while λ̂ still trends, up to ``max_extension`` times the plan — or
+    while it sits on a ``plateau``, up to ``max_plateau_extension`` times.
 
     The burn-in is the later of ``num_burnin`` and :func:`equilibration_time` of the healthy
     chains' λ̂ trace; the draws are every recorded draw after it (at least a quarter of the
@@ -114,6 +177,10 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
       num_burnin, num_draws: the planned burn-in (steps) and draws.
       max_extension: the longest run, as a multiple of the planned one (≥ 1).
       rtol, z: the trend test of :func:`equilibration_time`.
+      plateau: optional ``plateau(llc) -> bool`` on the healthy chains' λ̂ draws after the
+        burn-in, ``(chains, draws)``: True while they may sit on a metastable plateau. Once it
+        has held, the run's cap is ``max_plateau_extension`` times the plan.
+      max_plateau_extension: that cap (≥ 1).
       chunk_size, progress: as for :func:`slt_jax.chains.run_chains`.
 
     Returns:
@@ -122,11 +189,12 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
     spd = config.steps_per_draw
     planned = max(8, math.ceil((num_burnin + num_draws * spd) / spd))  # in draws
     cap = max(planned, math.ceil(planned * max_extension))
+    plateau_cap = max(cap, math.ceil(planned * max_plateau_extension))
     # Every round is a multiple of the first: its chunk size splits them too (exactly when it
     # divides the first round; else nearly always), so extending reuses the compiled chunk.
     chunk_size = plan_chunks(planned * spd, chunk_size)[1]
     state, records, done, extensions = None, [], 0, 0
-    target = planned
+    target, seen_plateau, stuck, previous = planned, False, False, None
     while True:
         state, record = run_chains(key, config, inputs, num_chains=num_chains, num_burnin=0,
                                    num_draws=target - done, chunk_size=chunk_size, progress=progress,
@@ -137,13 +205,21 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         llc, healthy = llc_of(draws, state)
         steps = spd * (np.arange(done) + 1)
         settle = equilibration_time(llc[healthy], steps, rtol=rtol, z=z) if healthy.any() else None
-        if settle is not None or done >= cap or not healthy.any():  # every chain diverged: stop
+        level = None if settle is None else _level(llc[healthy][:, steps > settle])
+        stuck = settle is not None and plateau is not None and bool(plateau(llc[healthy][:, steps > settle]))
+        # Chains caught on a plateau leave it slowly, and a slow climb can pass the trend test:
+        # after one, the run is over only when doubling it no longer moves λ̂.
+        steady = not seen_plateau or _agree(level, previous, rtol, z)
+        seen_plateau |= stuck
+        limit = plateau_cap if seen_plateau else cap
+        if (settle is not None and not stuck and steady) or done >= limit or not healthy.any():  # all diverged
             break
-        target = min(2 * done, cap)
+        previous = level
+        target = min(2 * done, limit)
         extensions += 1
-    equilibrated = settle is not None
-    if not equilibrated:  # still trending at the cap: the last quarter is the latest estimate
+    equilibrated = settle is not None and (not seen_plateau or steady)
+    if settle is None:  # still trending at the cap: the last quarter is the latest estimate
         settle = FRACTIONS[-1] * steps[-1]
     burnin = min(max(num_burnin, int(settle)), int(steps[-4] - spd))
     kept = jax.tree.map(lambda x: x[:, steps > burnin], draws)
-    return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions)
+    return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions, seen_plateau, stuck)

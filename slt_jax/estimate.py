@@ -17,9 +17,10 @@ from slt_jax import masks, nuts
 from slt_jax import sharding, validation
 from slt_jax.calibration import CALIBRATION_STREAM, Calibration, CalibrationWarning, calibrate
 from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
-from slt_jax.equilibration import run_until_equilibrated
+from slt_jax.equilibration import laplace_plateau, run_until_equilibrated
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
+from slt_jax.laplace import laplace_llc
 from slt_jax.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
 from slt_jax.results import LLCResult
@@ -28,6 +29,12 @@ from slt_jax.samplers import get_kernel
 DEFAULT_BATCH_SIZE = 256
 # With a calibrated step size, the longest run as a multiple of the calibrated schedule.
 DEFAULT_MAX_EXTENSION = 8.0
+# ... and while λ̂ reads the Laplace value at a degenerate point (a metastable plateau). The
+# 8-layer DLN of benchmarks/dln_accuracy.py needed ~32× its 1750-step schedule to leave it.
+DEFAULT_MAX_PLATEAU_EXTENSION = 64.0
+# The Laplace value's Hessian is that of the mean loss over the first rows of the data.
+LAPLACE_ROWS = 8192
+LAPLACE_STREAM = 2**31 - 2  # fold_in(key, ·) for the Laplace value's probe vectors
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
 
@@ -50,6 +57,19 @@ class _PrecisionLoss:
             cast = lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
             params, batch = jax.tree.map(cast, (params, batch))
         return self.loss_fn(params, batch).astype(self.dtype)
+
+
+def _laplace_plateau(loss_fn, params, data, nbeta, localization, num_sampled, key):
+    """The Laplace value of w* as recorded in ``settings["equilibration"]["laplace"]``, and the
+    plateau test built on it (None where there is none: a saddle, or a nearly regular point)."""
+    try:
+        value = laplace_llc(loss_fn, params, data, localization=localization, nbeta=nbeta, max_rows=LAPLACE_ROWS,
+                            key=key)
+    except ValueError as err:  # e.g. a saddle whose quadratic posterior is improper
+        return {"skipped": str(err)}, None
+    record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,
+              "rows": min(LAPLACE_ROWS, jax.tree.leaves(data)[0].shape[0])}
+    return record, laplace_plateau(value.llc, value.llc_se, num_sampled)
 
 
 def _check_dtypes(dtype, compute_dtype):
@@ -97,6 +117,7 @@ def estimate_llc(
     progress: bool = True,
     mala: bool = False,
     max_extension: float = DEFAULT_MAX_EXTENSION,
+    max_plateau_extension: float | None = DEFAULT_MAX_PLATEAU_EXTENSION,
     mesh=None,
     devices=None,
     dtype=jnp.float32,
@@ -125,6 +146,10 @@ def estimate_llc(
         while λ̂ still trends the run doubles, up to ``max_extension`` times the schedule;
         ``settings["equilibration"]`` records the outcome, and a run still trending at the
         cap warns (:class:`~slt_jax.calibration.CalibrationWarning`) and keeps its last quarter.
+        A flat trace can still be a metastable plateau: the run is also compared with the
+        Laplace value of w* (:func:`slt_jax.laplace_llc`), and while it reads that value at a
+        point whose Hessian leaves directions unconfined it keeps doubling, up to
+        ``max_plateau_extension`` (:mod:`slt_jax.equilibration`).
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
       num_chains: independent chains (vectorised with vmap).
@@ -134,7 +159,7 @@ def estimate_llc(
         ``num_burnin + num_draws × steps_per_draw`` steps.
       batch_size: minibatch rows per gradient step (drawn uniformly with replacement on
         device); default ``min(256, n)``.
-      sampler: ``"sgld"``, ``"rmsprop_sgld"``, ``"sgnht"``, a
+      sampler: ``"sgld"``, ``"sgld_rademacher"``, ``"rmsprop_sgld"``, ``"sgnht"``, a
         :class:`~slt_jax.samplers.KernelFactory`, or ``"nuts"``: the exact full-batch
         gold standard for small models (:func:`slt_jax.nuts.estimate_llc_nuts`; there
         ``step_size`` is NUTS's initial step, ``num_burnin`` its warm-up, and
@@ -161,6 +186,9 @@ def estimate_llc(
       max_extension: with a calibrated ``step_size``, the longest run as a multiple of the
         calibrated schedule (``1`` keeps the schedule, and the burn-in is still read off the
         trace); ignored for a numeric ``step_size``.
+      max_plateau_extension: with a calibrated ``step_size``, the longest run while λ̂ sits on
+        the Laplace value (≥ ``max_extension``); ``None`` skips the Laplace value (and its
+        Hessian-vector products). Also skipped with a ``param_mask``.
       mesh: a ``jax.sharding.Mesh`` with a ``"chains"`` axis (chains split over it) and
         optionally a ``"data"`` axis (dataset rows split over it; ``n`` and ``batch_size``
         must divide over it); see :mod:`slt_jax.sharding`. Exclusive with ``devices``.
@@ -207,6 +235,10 @@ def estimate_llc(
     calibration = step_size if isinstance(step_size, Calibration) else None
     if (auto or calibration is not None) and not max_extension >= 1:
         raise ValueError(f"max_extension must be ≥ 1 (a multiple of the calibrated schedule), got {max_extension!r}")
+    if (auto or calibration is not None) and max_plateau_extension is not None \
+            and not max_plateau_extension >= max_extension:
+        raise ValueError(f"max_plateau_extension must be ≥ max_extension ({max_extension!r}) or None, "
+                         f"got {max_plateau_extension!r}")
     if auto:
         calibration = calibrate(loss_fn, params, data, jax.random.fold_in(key, CALIBRATION_STREAM),
                                 localization=localization, nbeta=nbeta, batch_size=batch_size, sampler=kernel,
@@ -239,7 +271,7 @@ def estimate_llc(
                               eval_data)
         validation.check_loss_fn(loss_fn, params, shapes, "eval_data")
 
-    loss_fn = _PrecisionLoss(loss_fn, compute_dtype, dtype)
+    user_loss_fn, loss_fn = loss_fn, _PrecisionLoss(loss_fn, compute_dtype, dtype)
     reference = _full_batch_loss(loss_fn, params, data, batch_size)
     init = reference if eval_data is None else _full_batch_loss(loss_fn, params, eval_data, eval_batch_size)
     init_loss = float(init.mean)
@@ -268,16 +300,36 @@ def estimate_llc(
             per = llc_draws(np.asarray(draws.batch_loss, np.float64), init_loss, nbeta, center)
             return per, (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
 
+        laplace, plateau = None, None
+        if max_plateau_extension is not None and param_mask is None:
+            laplace, plateau = _laplace_plateau(user_loss_fn, params, data, nbeta, localization, num_sampled,
+                                                jax.random.fold_in(key, LAPLACE_STREAM))
         run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
                                      num_draws=num_draws, max_extension=max_extension,
                                      rtol=calibration.settings["rtol"], z=calibration.settings["z"],
+                                     plateau=plateau, max_plateau_extension=max_plateau_extension or 1.0,
                                      chunk_size=chunk_size, progress=progress)
         state, draws = run.state, run.draws
         planned = num_burnin + num_draws * steps_per_draw
         num_burnin, num_draws = run.num_burnin, int(draws.batch_loss.shape[1])
         equilibration = {"equilibrated": run.equilibrated, "num_steps": run.num_steps,
-                         "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension}
-        if not run.equilibrated:
+                         "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension,
+                         "max_plateau_extension": max_plateau_extension, "laplace": laplace,
+                         "plateau": run.plateau, "still_at_plateau": run.still_at_plateau}
+        if run.still_at_plateau:
+            warnings.warn(
+                f"λ̂ still reads the Laplace value {laplace['llc']:.4g} after {run.num_steps} steps "
+                f"({max_plateau_extension:g}× the calibrated {planned}) at step size {step_size:.3g}: either the "
+                f"directions the Hessian leaves unconfined add nothing here, or the chains have not yet diffused "
+                f"along them (a metastable plateau; λ̂ may read low); raise max_plateau_extension",
+                CalibrationWarning, stacklevel=2)
+        elif not run.equilibrated and run.plateau:
+            warnings.warn(
+                f"λ̂ left the Laplace value {laplace['llc']:.4g} but had not settled after {run.num_steps} steps "
+                f"({max_plateau_extension:g}× the calibrated {planned}) at step size {step_size:.3g}: it still "
+                f"trends, or moved between the last two doublings; the estimate is the draws after the burn-in "
+                f"read off the trace; raise max_plateau_extension", CalibrationWarning, stacklevel=2)
+        elif not run.equilibrated:
             warnings.warn(
                 f"λ̂ still trends after {run.num_steps} steps ({max_extension:g}× the calibrated {planned}) at "
                 f"step size {step_size:.3g}: the estimate is the last quarter of the run and may read low; "

@@ -16,7 +16,7 @@ import pytest
 
 from slt_jax.chains import ChainInputs, RunConfig, run_chains
 from slt_jax.divergence import Divergence
-from slt_jax.equilibration import equilibration_time, run_until_equilibrated
+from slt_jax.equilibration import equilibration_time, laplace_plateau, run_until_equilibrated
 from slt_jax.estimators.llc import llc_draws
 from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers import SGLD
@@ -97,6 +97,9 @@ def test_extension_is_refused_below_one():
     with pytest.raises(ValueError, match="max_extension"):
         slt_jax.estimate_llc(_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), step_size="auto",
                              localization=1.0, nbeta=NBETA, max_extension=0.5, progress=False)
+    with pytest.raises(ValueError, match="max_plateau_extension"):
+        slt_jax.estimate_llc(_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), step_size="auto",
+                             localization=1.0, nbeta=NBETA, max_plateau_extension=4, progress=False)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -111,3 +114,52 @@ def test_equilibration_time_finds_the_end_of_a_transient_and_refuses_a_drift(see
     assert equilibration_time(drifting, times, rtol=0.01) is None
 
 
+
+
+# A point with a Laplace plateau: 64 stiff coordinates (L = ½·h_s·w², nβh_s = 1e4) and 64 flat
+# to fourth order (L = u⁴). With γ = 0 the exact estimand is 64·½/(1 − εnβh_s/4) + 64·¼ (each
+# quartic coordinate adds E[nβu⁴] = ¼ exactly); the Laplace value is the stiff part alone, 32.
+# The stiff coordinates settle in ~100 steps, the quartic ones need E[u²] ≈ 0.034 = ε × ~8500
+# steps of diffusion first: a 1000-step plan reads the plateau, flat enough to pass the trend test.
+STIFF, FLAT, H_STIFF, PLATEAU_STEP = 64, 64, 100.0, 4e-6
+PLATEAU_EXACT = STIFF * 0.5 / (1.0 - PLATEAU_STEP * NBETA * H_STIFF / 4.0) + FLAT * 0.25
+
+
+def _plateau_loss(w, batch):
+    return 0.5 * H_STIFF * jnp.sum(w[:STIFF] ** 2) + jnp.sum(w[STIFF:] ** 4) + 0.0 * jnp.mean(batch)
+
+
+def _plateau_run(seed, plateau):
+    config = RunConfig(_plateau_loss, SGLD, 4, 1, "control_variate", 4, None)
+    inputs = ChainInputs(step_size=jnp.float32(PLATEAU_STEP),
+                         posterior=LocalPosterior(jnp.zeros(STIFF + FLAT), jnp.float32(NBETA), jnp.float32(0.0)),
+                         divergence=Divergence(jnp.float32(0.0), jnp.float32(1e6)), data=jnp.zeros((8, 1)),
+                         eval_data=None)
+    return run_until_equilibrated(jax.random.key(seed), config, inputs, _llc_of, num_chains=16, num_burnin=0,
+                                  num_draws=1000, max_extension=8, plateau=plateau, max_plateau_extension=256,
+                                  progress=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_run_on_the_laplace_plateau_is_extended_until_the_chains_leave_it(seed):
+    laplace = STIFF * 0.5  # exact: nβh_s/(nβh_s + γ) = 1 with γ = 0
+    plain = _plateau_run(seed, None)
+    plain_llc, _ = _llc_of(plain.draws, plain.state)
+    # Without the plateau test the trend test passes the plateau: λ̂ reads the Laplace value.
+    assert plain.equilibrated and not plain.plateau and plain_llc.mean() < 0.8 * PLATEAU_EXACT
+
+    run = _plateau_run(seed, laplace_plateau(laplace, 0.0, STIFF + FLAT))
+    llc, _ = _llc_of(run.draws, run.state)
+    means = llc.mean(axis=1)
+    se = means.std(ddof=1) / math.sqrt(means.size)
+    assert run.plateau and not run.still_at_plateau and run.equilibrated and run.num_steps > 8 * 1000
+    # Off the plateau λ̂ is the exact estimand within the trend test's 5 % plus 3 standard errors.
+    assert abs(llc.mean() - PLATEAU_EXACT) < 0.05 * PLATEAU_EXACT + 3 * se, (llc.mean(), PLATEAU_EXACT, se)
+
+
+def test_the_plateau_test_reads_the_laplace_value_and_skips_regular_points():
+    plateau = laplace_plateau(10.0, 0.1, 100)
+    rng = np.random.default_rng(0)
+    assert plateau(10.1 + 0.5 * rng.normal(size=(8, 50)))
+    assert not plateau(12.0 + 0.5 * rng.normal(size=(8, 50)))  # +20 %, far beyond 3 % + 2 se
+    assert laplace_plateau(48.0, 0.0, 100) is None  # 96 % of d/2: nothing unconfined to leave
