@@ -13,9 +13,9 @@ transient; :func:`run_until_equilibrated` records the whole run, and doubles it 
 No test of a finite trace can tell a long metastable plateau from equilibrium: a trace flat
 so far may still climb later. One plateau has a known level, though: chains that have only
 seen the quadratic part of L_n read its Laplace value (:mod:`slt_jax.laplace`). An 8-layer DLN
-(61-86-49-29-30-14-68-62, rank 2, λ = 268) held λ̂ ≈ 123 against a Laplace value of 121 for
-~20k steps at its calibrated ε = 1.7e-7 — flat enough to pass the trend test after 1750 — and
-reached 270 only after ~55k. So a run may also be given a ``plateau`` test: while λ̂ still
+(61-86-49-29-30-14-68-62, rank 2, λ = 268) held λ̂ at 123–126 against a Laplace value of 121
+for the first ~18k steps at its calibrated ε = 1.7e-7 — flat enough to pass the trend test
+after 1750 — and reached 270–273 only at 54–60k. So a run may also be given a ``plateau`` test: while λ̂ still
 reads the Laplace value at a point where the Hessian leaves directions unconfined, the run
 keeps doubling, up to its own (longer) cap. The caps and the tests' tolerances are recorded
 with the result.
@@ -100,7 +100,10 @@ def laplace_plateau(laplace_llc: float, laplace_se: float, num_sampled: int,
         return None
 
     def plateau(llc) -> bool:
-        mean, se = _level(llc)
+        level = _level(np.asarray(llc))
+        if level is None:
+            return False
+        mean, se = level
         return abs(mean - laplace_llc) <= rtol * laplace_llc + 2.0 * math.hypot(se, laplace_se)
 
     return plateau
@@ -119,11 +122,14 @@ class Equilibrated(NamedTuple):
       draws: the draws after the burn-in, ``(chains, draws, …)``.
       num_burnin: the burn-in in steps (at least the planned one).
       num_steps: the steps every chain ran.
-      equilibrated: whether λ̂ stopped trending within the cap.
+      equilibrated: whether λ̂ stopped trending within the cap — and, after a plateau, left it
+        and stopped moving between doublings.
       extensions: how many times the run was doubled.
       plateau: whether the ``plateau`` test held at some round (the run was then allowed up to
         ``max_plateau_extension``).
       still_at_plateau: whether it still held when the run stopped.
+      trending: whether λ̂ still trended when the run stopped (the draws are then its last
+        quarter).
     """
 
     state: object
@@ -134,10 +140,14 @@ class Equilibrated(NamedTuple):
     extensions: int
     plateau: bool = False
     still_at_plateau: bool = False
+    trending: bool = False
 
 
 def _level(llc):
-    """Mean λ̂ of ``(chains, draws)`` and its standard error from the chains' spread."""
+    """Mean λ̂ of ``(chains, draws)`` and its standard error from the chains' spread (None
+    without draws)."""
+    if llc.shape[1] == 0:
+        return None
     means = np.asarray(llc, float).mean(axis=1)
     se = float(np.std(means, ddof=1) / math.sqrt(means.size)) if means.size > 1 else 0.0
     return float(means.mean()), se
@@ -200,26 +210,30 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
                                    num_draws=target - done, chunk_size=chunk_size, progress=progress,
                                    state=state, start=done * spd)
         records.append(record)
-        done = target
+        before, done = done, target
         draws = _concat(records)
         llc, healthy = llc_of(draws, state)
         steps = spd * (np.arange(done) + 1)
         settle = equilibration_time(llc[healthy], steps, rtol=rtol, z=z) if healthy.any() else None
-        level = None if settle is None else _level(llc[healthy][:, steps > settle])
-        stuck = settle is not None and plateau is not None and bool(plateau(llc[healthy][:, steps > settle]))
+        burn = None if settle is None else max(num_burnin, settle)
+        tail = None if burn is None else llc[healthy][:, steps > burn]
+        stuck = tail is not None and plateau is not None and bool(plateau(tail))
         # Chains caught on a plateau leave it slowly, and a slow climb can pass the trend test:
-        # after one, the run is over only when doubling it no longer moves λ̂.
-        steady = not seen_plateau or _agree(level, previous, rtol, z)
+        # after one, the run is over only when the newest doubling's draws agree with the
+        # previous round's (disjoint windows).
+        newest = None if burn is None else _level(llc[healthy][:, steps > max(burn, before * spd)])
+        steady = not seen_plateau or _agree(newest, previous, rtol, z)
         seen_plateau |= stuck
         limit = plateau_cap if seen_plateau else cap
         if (settle is not None and not stuck and steady) or done >= limit or not healthy.any():  # all diverged
             break
-        previous = level
+        previous = None if tail is None else _level(tail)
         target = min(2 * done, limit)
         extensions += 1
-    equilibrated = settle is not None and (not seen_plateau or steady)
+    equilibrated = settle is not None and not stuck and steady
     if settle is None:  # still trending at the cap: the last quarter is the latest estimate
         settle = FRACTIONS[-1] * steps[-1]
     burnin = min(max(num_burnin, int(settle)), int(steps[-4] - spd))
     kept = jax.tree.map(lambda x: x[:, steps > burnin], draws)
-    return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions, seen_plateau, stuck)
+    return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions, seen_plateau, stuck,
+                        trending=burn is None)

@@ -30,10 +30,12 @@ DEFAULT_BATCH_SIZE = 256
 # With a calibrated step size, the longest run as a multiple of the calibrated schedule.
 DEFAULT_MAX_EXTENSION = 8.0
 # ... and while λ̂ reads the Laplace value at a degenerate point (a metastable plateau). The
-# 8-layer DLN of benchmarks/dln_accuracy.py needed ~32× its 1750-step schedule to leave it.
+# 8-layer DLN of benchmarks/dln_accuracy.py sat on it for ~20k steps, 11× its 1750-step schedule.
 DEFAULT_MAX_PLATEAU_EXTENSION = 64.0
-# The Laplace value's Hessian is that of the mean loss over the first rows of the data.
+# The Laplace value's Hessian is that of the mean loss over this many rows; dense up to
+# LAPLACE_DENSE_PARAMS parameters (d HVPs per batch), stochastic Lanczos above.
 LAPLACE_ROWS = 8192
+LAPLACE_DENSE_PARAMS = 2048
 LAPLACE_STREAM = 2**31 - 2  # fold_in(key, ·) for the Laplace value's probe vectors
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
@@ -61,14 +63,24 @@ class _PrecisionLoss:
 
 def _laplace_plateau(loss_fn, params, data, nbeta, localization, num_sampled, key):
     """The Laplace value of w* as recorded in ``settings["equilibration"]["laplace"]``, and the
-    plateau test built on it (None where there is none: a saddle, or a nearly regular point)."""
+    plateau test built on it (None where there is none: a saddle, or a nearly regular point).
+
+    The Hessian is that of the mean loss over :data:`LAPLACE_ROWS` rows drawn (without
+    replacement) with ``key`` and gathered on the host, so it is the same for any mesh; dense
+    up to :data:`LAPLACE_DENSE_PARAMS` parameters, stochastic Lanczos above. It assumes w* is
+    a minimum (∇L_n(w*) ≈ 0); elsewhere the plateau sits at a different level.
+    """
+    n = jax.tree.leaves(data)[0].shape[0]
+    rows = np.sort(np.asarray(jax.random.permutation(key, n)[:LAPLACE_ROWS])) if n > LAPLACE_ROWS else slice(None)
+    sample = jax.tree.map(lambda x: np.asarray(x)[rows], data)
+    method = "dense" if num_sampled <= LAPLACE_DENSE_PARAMS else "lanczos"
     try:
-        value = laplace_llc(loss_fn, params, data, localization=localization, nbeta=nbeta, max_rows=LAPLACE_ROWS,
-                            key=key)
-    except ValueError as err:  # e.g. a saddle whose quadratic posterior is improper
-        return {"skipped": str(err)}, None
+        value = laplace_llc(loss_fn, params, sample, localization=localization, nbeta=nbeta, method=method,
+                            key=jax.random.fold_in(key, 1))
+    except (ValueError, jax.errors.JaxRuntimeError) as err:  # a saddle (improper posterior), out of memory
+        return {"skipped": str(err).splitlines()[0]}, None
     record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,
-              "rows": min(LAPLACE_ROWS, jax.tree.leaves(data)[0].shape[0])}
+              "rows": min(LAPLACE_ROWS, n)}
     return record, laplace_plateau(value.llc, value.llc_se, num_sampled)
 
 
@@ -188,7 +200,8 @@ def estimate_llc(
         trace); ignored for a numeric ``step_size``.
       max_plateau_extension: with a calibrated ``step_size``, the longest run while λ̂ sits on
         the Laplace value (≥ ``max_extension``); ``None`` skips the Laplace value (and its
-        Hessian-vector products). Also skipped with a ``param_mask``.
+        Hessian-vector products). Also skipped with a ``param_mask`` or ``eval_data`` (λ̂ then
+        measures another loss than the Hessian's).
       mesh: a ``jax.sharding.Mesh`` with a ``"chains"`` axis (chains split over it) and
         optionally a ``"data"`` axis (dataset rows split over it; ``n`` and ``batch_size``
         must divide over it); see :mod:`slt_jax.sharding`. Exclusive with ``devices``.
@@ -301,7 +314,7 @@ def estimate_llc(
             return per, (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
 
         laplace, plateau = None, None
-        if max_plateau_extension is not None and param_mask is None:
+        if max_plateau_extension is not None and param_mask is None and eval_data is None:
             laplace, plateau = _laplace_plateau(user_loss_fn, params, data, nbeta, localization, num_sampled,
                                                 jax.random.fold_in(key, LAPLACE_STREAM))
         run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
@@ -316,24 +329,26 @@ def estimate_llc(
                          "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension,
                          "max_plateau_extension": max_plateau_extension, "laplace": laplace,
                          "plateau": run.plateau, "still_at_plateau": run.still_at_plateau}
-        if run.still_at_plateau:
+        cap = f"{max_plateau_extension if run.plateau else max_extension:g}× the calibrated {planned}"
+        option = "max_plateau_extension" if run.plateau else "max_extension"
+        if np.all(np.asarray(state.diverged_at) >= 0):
+            pass  # every chain diverged: the divergence report below says so
+        elif run.still_at_plateau:
             warnings.warn(
-                f"λ̂ still reads the Laplace value {laplace['llc']:.4g} after {run.num_steps} steps "
-                f"({max_plateau_extension:g}× the calibrated {planned}) at step size {step_size:.3g}: either the "
-                f"directions the Hessian leaves unconfined add nothing here, or the chains have not yet diffused "
-                f"along them (a metastable plateau; λ̂ may read low); raise max_plateau_extension",
+                f"λ̂ still reads the Laplace value {laplace['llc']:.4g} after {run.num_steps} steps ({cap}) at step "
+                f"size {step_size:.3g}: either the directions the Hessian leaves unconfined add nothing here, or the "
+                f"chains have not yet diffused along them (a metastable plateau; λ̂ may read low); raise {option}",
                 CalibrationWarning, stacklevel=2)
-        elif not run.equilibrated and run.plateau:
+        elif run.trending:
             warnings.warn(
-                f"λ̂ left the Laplace value {laplace['llc']:.4g} but had not settled after {run.num_steps} steps "
-                f"({max_plateau_extension:g}× the calibrated {planned}) at step size {step_size:.3g}: it still "
-                f"trends, or moved between the last two doublings; the estimate is the draws after the burn-in "
-                f"read off the trace; raise max_plateau_extension", CalibrationWarning, stacklevel=2)
+                f"λ̂ still trends after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is "
+                f"the last quarter of the run and may read low; raise {option}", CalibrationWarning, stacklevel=2)
         elif not run.equilibrated:
             warnings.warn(
-                f"λ̂ still trends after {run.num_steps} steps ({max_extension:g}× the calibrated {planned}) at "
-                f"step size {step_size:.3g}: the estimate is the last quarter of the run and may read low; "
-                f"raise max_extension", CalibrationWarning, stacklevel=2)
+                f"λ̂ left the Laplace value {laplace['llc']:.4g} but still moved between the last two doublings "
+                f"after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is the draws after "
+                f"the burn-in read off the trace and may still be settling; raise {option}",
+                CalibrationWarning, stacklevel=2)
 
     batch_loss = np.asarray(draws.batch_loss, np.float64)
     center_loss = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)

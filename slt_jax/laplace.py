@@ -118,8 +118,9 @@ def laplace_llc(loss_fn, params, data, *, localization: float, nbeta: float | No
     spectral measure of z_j), whose mean over probes estimates ``tr f(Hess)``. A breakdown
     (residual at rounding level, :data:`BREAKDOWN_EPS`: z_j lies in an invariant subspace) ends
     that probe's recursion early, and its quadrature is then exact up to rounding. The
-    Hessian-vector products run in the parameters' dtype (one compiled program per call, with
-    all probes of a group vmapped); the quadrature is accumulated in float64.
+    Hessian-vector products run in the parameters' dtype, at least float32 (one compiled
+    program, reused by later calls with the same loss, layout and counts, with all probes of a
+    group vmapped); the quadrature is accumulated in float64.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -134,7 +135,9 @@ def laplace_llc(loss_fn, params, data, *, localization: float, nbeta: float | No
         validation.check_positive("max_rows", max_rows, integer=True)
         data = jax.tree.map(lambda x: x[:max_rows], data)
         n = min(n, max_rows)
-    flat, unravel = ravel_pytree(jax.tree.map(jnp.asarray, params))
+    # Half-precision Hessians cannot resolve the spectrum (nor Lanczos its breakdowns): at least float32.
+    flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)),
+                                              params))
     if method == "auto":
         method = "dense" if flat.size <= MAX_PARAMS else "lanczos"
     if method == "lanczos":

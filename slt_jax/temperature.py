@@ -229,7 +229,8 @@ def estimate_free_energy(
       batch_size: minibatch rows per gradient step; default ``min(256, n)``.
       loss_estimator: ``"full_batch"`` (default; exact ``L_n`` at each draw, needed for
         ``var_nloss``), ``"control_variate"`` or ``"minibatch"`` (see ``estimate_llc``).
-      sampler: a kernel name (``"sgld"``, ``"rmsprop_sgld"``, ``"sgnht"``) or factory.
+      sampler: a kernel name (``"sgld"``, ``"sgld_rademacher"``, ``"rmsprop_sgld"``, ``"sgnht"``)
+        or factory.
       param_mask: sample only some parameters (see ``estimate_llc``); the free energy is
         then that of the sampled coordinates.
       divergence_threshold: runaway bound on ``nβ·(L_B − L_n(w*))``; default per rung as in

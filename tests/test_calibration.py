@@ -166,9 +166,12 @@ def test_auto_step_size_lands_within_ten_percent_of_aoyagi_where_a_large_step_do
     assert record["step_size"] < 5e-4 and record["reason"]
     assert auto.settings["num_burnin"] >= math.ceil(record["burnin_time"] / record["step_size"])
     assert len(record["table"]) == 4 and json.dumps(auto.to_dict())
-    # The Laplace value of the aligned point is recorded, below λ (its stiff directions alone).
+    # The Laplace value of the aligned point is recorded: r·(H₀ + H_L − r) stiff directions,
+    # each nβh/(nβh + γ)/2 just under ½ — below λ.
     laplace = auto.settings["equilibration"]["laplace"]
-    assert laplace["method"] == "dense" and 0 < laplace["llc"] < lam
+    stiff = RANK * (WIDTHS[0] + WIDTHS[-1] - RANK)
+    assert laplace["method"] == "dense" and laplace["num_stiff"] == stiff
+    assert 0.95 * stiff / 2 < laplace["llc"] <= stiff / 2 < lam
     assert not auto.settings["equilibration"]["still_at_plateau"]
 
 

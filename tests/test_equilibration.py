@@ -163,3 +163,31 @@ def test_the_plateau_test_reads_the_laplace_value_and_skips_regular_points():
     assert plateau(10.1 + 0.5 * rng.normal(size=(8, 50)))
     assert not plateau(12.0 + 0.5 * rng.normal(size=(8, 50)))  # +20 %, far beyond 3 % + 2 se
     assert laplace_plateau(48.0, 0.0, 100) is None  # 96 % of d/2: nothing unconfined to leave
+
+
+def test_a_run_still_on_the_plateau_at_its_cap_is_not_called_equilibrated():
+    config, inputs = _setup()
+    # The AR(1) climb is over by ~300 steps: the trend test passes, the (stub) plateau test never lets go.
+    run = run_until_equilibrated(jax.random.key(0), config, inputs, _llc_of, num_chains=16, num_burnin=1000,
+                                 num_draws=1000, max_extension=1, plateau=lambda llc: True, max_plateau_extension=4,
+                                 progress=False)
+    assert run.num_steps == 4 * 2000 and run.extensions == 2
+    assert run.plateau and run.still_at_plateau and not run.equilibrated and not run.trending
+
+
+def test_auto_estimates_record_the_laplace_value_unless_asked_not_to():
+    import slt_jax
+
+    data, key = jnp.zeros((8, 1)), jax.random.key(0)
+    kw = dict(localization=1.0, nbeta=NBETA, num_chains=4, batch_size=4, progress=False)
+    calibration = slt_jax.calibrate(_loss, jnp.zeros(D), data, key, **kw)
+    on = slt_jax.estimate_llc(_loss, jnp.zeros(D), data, key, step_size=calibration, **kw)
+    laplace = on.settings["equilibration"]["laplace"]
+    # A regular quadratic: every direction stiff, the Laplace value is the exact ε → 0 estimand.
+    assert laplace["num_stiff"] == D and laplace["method"] == "dense"
+    assert laplace["llc"] == pytest.approx(0.5 * D * A / (A + 1.0), rel=1e-5)
+    assert not on.settings["equilibration"]["plateau"]  # a regular point has no plateau to leave
+    off = slt_jax.estimate_llc(_loss, jnp.zeros(D), data, key, step_size=calibration, max_plateau_extension=None,
+                               **kw)
+    assert off.settings["equilibration"]["laplace"] is None
+    assert off.llc_mean == on.llc_mean  # the check only decides how long to run

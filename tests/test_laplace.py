@@ -133,6 +133,17 @@ def test_lanczos_agrees_with_the_dense_hessian_at_a_dln_point(dln_point, seed):
     result = laplace_llc(dln_loss, teacher, data, method="lanczos", key=jax.random.key(seed), **DLN_SETTINGS)
     assert result.method == "lanczos" and result.llc_se > 0
     assert abs(result.llc - dense.llc) <= 3 * result.llc_se + FLOAT32_SLACK
+    again = laplace_llc(dln_loss, teacher, data, method="lanczos", key=jax.random.key(seed), **DLN_SETTINGS)
+    assert again.llc == result.llc  # a function of the key
+
+
+def test_half_precision_params_get_a_float32_hessian(dln_point):
+    teacher, data, dense = dln_point
+    half = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), teacher)
+    result = laplace_llc(dln_loss, half, data, method="lanczos", key=jax.random.key(0), **DLN_SETTINGS)
+    # bfloat16 rounds w* itself (relative 2⁻⁸), which moves the spectrum by about that much.
+    assert abs(result.llc - dense.llc) <= 3 * result.llc_se + 0.02 * dense.llc, (result.llc, dense.llc)
+    assert result.eigenvalues.size > 2  # no spurious breakdown at bfloat16's epsilon
 
 
 def test_auto_switches_to_lanczos_above_max_params_and_weights_rows_like_dense():

@@ -69,6 +69,7 @@ def test_rademacher_noise_is_fair_independent_signs():
     for seed in (0, 1):
         draws = jax.jit(tree_rademacher)(jax.random.key(seed), tree)
         assert draws["tiny"].dtype == jnp.bfloat16 and draws["big"].shape == (317, 331)
+        assert set(np.unique(np.asarray(draws["tiny"], np.float32))) <= {-1.0, 1.0}
         big, other = np.asarray(draws["big"]).ravel(), np.asarray(draws["other"])
         assert set(np.unique(big)) == {-1.0, 1.0}
         tol = lambda count: 5 / math.sqrt(count)

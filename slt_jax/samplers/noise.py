@@ -12,8 +12,10 @@ touched. Other dtypes and key implementations use ``jax.random.normal``. (The ``
 
 :func:`tree_rademacher` draws ±1 signs for the simplified weak Euler scheme (Kloeden & Platen,
 *Numerical Solution of Stochastic Differential Equations*, 1992, §14.1): one random *bit* per
-parameter, 32 per hashed word, so its hashing costs 1/32 of a normal's and no transform
-(``jax.random.rademacher`` spends a full 32-bit draw per sign).
+parameter, 32 per ``jax.random.bits`` word, so it hashes 1/16 as often as :func:`tree_normal`
+(one hash per two normals) and needs no transform; ``jax.random.rademacher`` spends a full
+32-bit draw per sign. Measured: 0.5 ms per 1M signs against 4.5 ms per 1M normals on 2 CPU
+cores (``benchmarks/step_cost.py``).
 """
 
 import math

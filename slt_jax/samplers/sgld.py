@@ -75,7 +75,6 @@ def sgld(step_size, nbeta, localization, center, mask=None, *, noise: str = "gau
     return SamplingAlgorithm(init, step)
 
 
-@functools.lru_cache(maxsize=None)
 def sgld_kernel(noise: str = "gaussian") -> KernelFactory:
     """An SGLD :class:`KernelFactory` with the given noise.
 
@@ -88,6 +87,11 @@ def sgld_kernel(noise: str = "gaussian") -> KernelFactory:
     """
     if noise not in NOISES:
         raise ValueError(f"noise={noise!r} is not one of {sorted(NOISES)}")
+    return _sgld_kernel(noise)
+
+
+@functools.lru_cache(maxsize=None)
+def _sgld_kernel(noise: str) -> KernelFactory:
     return KernelFactory("sgld" if noise == "gaussian" else f"sgld_{noise}", functools.partial(sgld, noise=noise))
 
 
