@@ -180,7 +180,7 @@ def test_auto_estimates_record_the_laplace_value_unless_asked_not_to():
 
     data, key = jnp.zeros((8, 1)), jax.random.key(0)
     kw = dict(localization=1.0, nbeta=NBETA, num_chains=4, batch_size=4, progress=False)
-    calibration = slt_jax.calibrate(_loss, jnp.zeros(D), data, key, **kw)
+    calibration = slt_jax.calibrate(_loss, jnp.zeros(D), data, key, num_steps=1500, mala=False, **kw)
     on = slt_jax.estimate_llc(_loss, jnp.zeros(D), data, key, step_size=calibration, **kw)
     laplace = on.settings["equilibration"]["laplace"]
     # A regular quadratic: every direction stiff, the Laplace value is the exact ε → 0 estimand.
