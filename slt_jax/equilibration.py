@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from slt_jax.chains import ChainInputs, Draws, RunConfig, plan_chunks, run_chains
+from slt_jax.laplace import laplace_llc
 
 # Candidate burn-ins, as fractions of the run: up to three quarters, so that the last quarter
 # of a run that settled late can serve as its draws.
@@ -107,6 +108,39 @@ def laplace_plateau(laplace_llc: float, laplace_se: float, num_sampled: int,
         return abs(mean - laplace_llc) <= rtol * laplace_llc + 2.0 * math.hypot(se, laplace_se)
 
     return plateau
+
+
+# The Laplace value's Hessian is that of the mean loss over this many rows; dense up to
+# LAPLACE_DENSE_PARAMS parameters (d HVPs per batch), stochastic Lanczos above.
+LAPLACE_ROWS = 8192
+LAPLACE_DENSE_PARAMS = 2048
+
+
+def plateau_check(loss_fn, params, data, *, nbeta, localization, num_sampled: int, key):
+    """The Laplace value of w* as ``estimate_llc`` records it, and the plateau test built on it.
+
+    The Hessian is that of the mean loss over :data:`LAPLACE_ROWS` rows drawn (without
+    replacement) with ``key`` and gathered to the host, so it is the same for any mesh; dense
+    up to :data:`LAPLACE_DENSE_PARAMS` parameters, stochastic Lanczos above. It assumes w* is
+    a minimum (∇L_n(w*) ≈ 0); elsewhere the plateau sits at a different level.
+
+    Returns:
+      ``(record, plateau)``: the record (``llc``, ``llc_se``, ``num_stiff``, ``method``,
+      ``rows``; or ``skipped`` and why), and :func:`laplace_plateau`'s test, or None where
+      there is none (a saddle whose quadratic posterior is improper, a nearly regular point).
+    """
+    n = jax.tree.leaves(data)[0].shape[0]
+    rows = np.sort(np.asarray(jax.random.permutation(key, n)[:LAPLACE_ROWS])) if n > LAPLACE_ROWS else np.arange(n)
+    sample = jax.tree.map(lambda x: np.asarray(x[rows]), data)  # gathered on device, then to the host
+    method = "dense" if num_sampled <= LAPLACE_DENSE_PARAMS else "lanczos"
+    try:
+        value = laplace_llc(loss_fn, params, sample, localization=localization, nbeta=nbeta, method=method,
+                            key=jax.random.fold_in(key, 1))
+    except (ValueError, jax.errors.JaxRuntimeError) as err:  # a saddle (improper posterior), out of memory
+        return {"skipped": str(err).splitlines()[0]}, None
+    record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,
+              "rows": int(rows.size)}
+    return record, laplace_plateau(value.llc, value.llc_se, num_sampled)
 
 
 def _spread_se(draws) -> float:
@@ -237,3 +271,23 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
     kept = jax.tree.map(lambda x: x[:, steps > burnin], draws)
     return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions, seen_plateau, stuck,
                         trending=burn is None)
+
+
+def equilibration_warning(run: Equilibrated, *, laplace, planned: int, step_size: float, max_extension: float,
+                          max_plateau_extension) -> str | None:
+    """Why ``run`` may not have settled, in words for a ``CalibrationWarning`` (None if it did,
+    or if every chain diverged: the divergence report says so)."""
+    if np.all(np.asarray(run.state.diverged_at) >= 0) or run.equilibrated:
+        return None
+    cap = f"{max_plateau_extension if run.plateau else max_extension:g}× the calibrated {planned}"
+    option = "max_plateau_extension" if run.plateau else "max_extension"
+    if run.still_at_plateau:
+        return (f"λ̂ still reads the Laplace value {laplace['llc']:.4g} after {run.num_steps} steps ({cap}) at step "
+                f"size {step_size:.3g}: either the directions the Hessian leaves unconfined add nothing here, or the "
+                f"chains have not yet diffused along them (a metastable plateau; λ̂ may read low); raise {option}")
+    if run.trending:
+        return (f"λ̂ still trends after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is "
+                f"the last quarter of the run and may read low; raise {option}")
+    return (f"λ̂ left the Laplace value {laplace['llc']:.4g} but still moved between the last two doublings after "
+            f"{run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is the draws after the burn-in "
+            f"read off the trace and may still be settling; raise {option}")

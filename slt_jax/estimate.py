@@ -17,10 +17,9 @@ from slt_jax import masks, nuts
 from slt_jax import sharding, validation
 from slt_jax.calibration import CALIBRATION_STREAM, Calibration, CalibrationWarning, calibrate
 from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
-from slt_jax.equilibration import laplace_plateau, run_until_equilibrated
+from slt_jax.equilibration import equilibration_warning, plateau_check, run_until_equilibrated
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
-from slt_jax.laplace import laplace_llc
 from slt_jax.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
 from slt_jax.results import LLCResult
@@ -32,10 +31,6 @@ DEFAULT_MAX_EXTENSION = 8.0
 # ... and while λ̂ reads the Laplace value at a degenerate point (a metastable plateau). The
 # 8-layer DLN of benchmarks/dln_accuracy.py sat on it for ~20k steps, 11× its 1750-step schedule.
 DEFAULT_MAX_PLATEAU_EXTENSION = 64.0
-# The Laplace value's Hessian is that of the mean loss over this many rows; dense up to
-# LAPLACE_DENSE_PARAMS parameters (d HVPs per batch), stochastic Lanczos above.
-LAPLACE_ROWS = 8192
-LAPLACE_DENSE_PARAMS = 2048
 LAPLACE_STREAM = 2**31 - 2  # fold_in(key, ·) for the Laplace value's probe vectors
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
@@ -59,29 +54,6 @@ class _PrecisionLoss:
             cast = lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
             params, batch = jax.tree.map(cast, (params, batch))
         return self.loss_fn(params, batch).astype(self.dtype)
-
-
-def _laplace_plateau(loss_fn, params, data, nbeta, localization, num_sampled, key):
-    """The Laplace value of w* as recorded in ``settings["equilibration"]["laplace"]``, and the
-    plateau test built on it (None where there is none: a saddle, or a nearly regular point).
-
-    The Hessian is that of the mean loss over :data:`LAPLACE_ROWS` rows drawn (without
-    replacement) with ``key`` and gathered on the host, so it is the same for any mesh; dense
-    up to :data:`LAPLACE_DENSE_PARAMS` parameters, stochastic Lanczos above. It assumes w* is
-    a minimum (∇L_n(w*) ≈ 0); elsewhere the plateau sits at a different level.
-    """
-    n = jax.tree.leaves(data)[0].shape[0]
-    rows = np.sort(np.asarray(jax.random.permutation(key, n)[:LAPLACE_ROWS])) if n > LAPLACE_ROWS else slice(None)
-    sample = jax.tree.map(lambda x: np.asarray(x)[rows], data)
-    method = "dense" if num_sampled <= LAPLACE_DENSE_PARAMS else "lanczos"
-    try:
-        value = laplace_llc(loss_fn, params, sample, localization=localization, nbeta=nbeta, method=method,
-                            key=jax.random.fold_in(key, 1))
-    except (ValueError, jax.errors.JaxRuntimeError) as err:  # a saddle (improper posterior), out of memory
-        return {"skipped": str(err).splitlines()[0]}, None
-    record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,
-              "rows": min(LAPLACE_ROWS, n)}
-    return record, laplace_plateau(value.llc, value.llc_se, num_sampled)
 
 
 def _check_dtypes(dtype, compute_dtype):
@@ -315,8 +287,8 @@ def estimate_llc(
 
         laplace, plateau = None, None
         if max_plateau_extension is not None and param_mask is None and eval_data is None:
-            laplace, plateau = _laplace_plateau(user_loss_fn, params, data, nbeta, localization, num_sampled,
-                                                jax.random.fold_in(key, LAPLACE_STREAM))
+            laplace, plateau = plateau_check(user_loss_fn, params, data, nbeta=nbeta, localization=localization,
+                                             num_sampled=num_sampled, key=jax.random.fold_in(key, LAPLACE_STREAM))
         run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
                                      num_draws=num_draws, max_extension=max_extension,
                                      rtol=calibration.settings["rtol"], z=calibration.settings["z"],
@@ -329,26 +301,10 @@ def estimate_llc(
                          "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension,
                          "max_plateau_extension": max_plateau_extension, "laplace": laplace,
                          "plateau": run.plateau, "still_at_plateau": run.still_at_plateau}
-        cap = f"{max_plateau_extension if run.plateau else max_extension:g}× the calibrated {planned}"
-        option = "max_plateau_extension" if run.plateau else "max_extension"
-        if np.all(np.asarray(state.diverged_at) >= 0):
-            pass  # every chain diverged: the divergence report below says so
-        elif run.still_at_plateau:
-            warnings.warn(
-                f"λ̂ still reads the Laplace value {laplace['llc']:.4g} after {run.num_steps} steps ({cap}) at step "
-                f"size {step_size:.3g}: either the directions the Hessian leaves unconfined add nothing here, or the "
-                f"chains have not yet diffused along them (a metastable plateau; λ̂ may read low); raise {option}",
-                CalibrationWarning, stacklevel=2)
-        elif run.trending:
-            warnings.warn(
-                f"λ̂ still trends after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is "
-                f"the last quarter of the run and may read low; raise {option}", CalibrationWarning, stacklevel=2)
-        elif not run.equilibrated:
-            warnings.warn(
-                f"λ̂ left the Laplace value {laplace['llc']:.4g} but still moved between the last two doublings "
-                f"after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is the draws after "
-                f"the burn-in read off the trace and may still be settling; raise {option}",
-                CalibrationWarning, stacklevel=2)
+        message = equilibration_warning(run, laplace=laplace, planned=planned, step_size=step_size,
+                                        max_extension=max_extension, max_plateau_extension=max_plateau_extension)
+        if message is not None:
+            warnings.warn(message, CalibrationWarning, stacklevel=2)
 
     batch_loss = np.asarray(draws.batch_loss, np.float64)
     center_loss = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)

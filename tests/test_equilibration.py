@@ -191,3 +191,23 @@ def test_auto_estimates_record_the_laplace_value_unless_asked_not_to():
                                **kw)
     assert off.settings["equilibration"]["laplace"] is None
     assert off.llc_mean == on.llc_mean  # the check only decides how long to run
+
+
+def test_the_warning_names_what_did_not_settle_and_the_option_to_raise():
+    from types import SimpleNamespace
+
+    from slt_jax.equilibration import Equilibrated, equilibration_warning
+
+    def run(diverged_at=(-1, -1), **flags):
+        fields = dict(equilibrated=False, plateau=False, still_at_plateau=False, trending=False) | flags
+        return Equilibrated(SimpleNamespace(diverged_at=np.array(diverged_at)), None, 0, 800, extensions=3, **fields)
+
+    say = lambda r: equilibration_warning(r, laplace={"llc": 12.0}, planned=100, step_size=1e-4, max_extension=8,
+                                          max_plateau_extension=64)
+    assert say(run(equilibrated=True)) is None
+    assert say(run(diverged_at=(5, 7), trending=True)) is None  # the divergence report speaks instead
+    trending = say(run(trending=True))
+    assert "still trends" in trending and "8× the calibrated 100" in trending and "raise max_extension" in trending
+    stuck = say(run(plateau=True, still_at_plateau=True))
+    assert "Laplace value 12" in stuck and "64×" in stuck and "raise max_plateau_extension" in stuck
+    assert "moved between the last two doublings" in say(run(plateau=True))
