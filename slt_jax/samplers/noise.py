@@ -60,16 +60,18 @@ def rademacher(key, shape, dtype):
     return signs.astype(dtype).reshape(shape)
 
 
-def tree_rademacher(key, tree):
-    """±1 draws shaped like every leaf of ``tree`` (leaf dtypes kept), one key per leaf."""
+def _tree_draws(draw, key, tree):
+    """``draw(key, shape, dtype)`` for every leaf of ``tree``, one key per leaf."""
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def tree_rademacher(key, tree):
+    """±1 draws shaped like every leaf of ``tree`` (leaf dtypes kept)."""
+    return _tree_draws(rademacher, key, tree)
 
 
 def tree_normal(key, tree):
     """Standard normal draws shaped like every leaf of ``tree`` (leaf dtypes kept)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    draws = [normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, draws)
+    return _tree_draws(normal, key, tree)

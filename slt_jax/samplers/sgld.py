@@ -37,6 +37,12 @@ class SGLDInfo(NamedTuple):
 NOISES = {"gaussian": tree_normal, "rademacher": tree_rademacher}
 
 
+def _check_noise(noise: str) -> str:
+    if noise not in NOISES:
+        raise ValueError(f"noise={noise!r} is not one of {sorted(NOISES)}")
+    return noise
+
+
 def sgld(step_size, nbeta, localization, center, mask=None, *, noise: str = "gaussian") -> SamplingAlgorithm:
     """Build the SGLD kernel for the posterior ∝ exp(−nβ·L(w) − γ/2·‖w − w*‖²).
 
@@ -52,10 +58,7 @@ def sgld(step_size, nbeta, localization, center, mask=None, *, noise: str = "gau
     Returns:
       A :class:`SamplingAlgorithm`.
     """
-
-    if noise not in NOISES:
-        raise ValueError(f"noise={noise!r} is not one of {sorted(NOISES)}")
-    draw = NOISES[noise]
+    draw = NOISES[_check_noise(noise)]
 
     def init(position):
         return SGLDState(position)
@@ -85,9 +88,7 @@ def sgld_kernel(noise: str = "gaussian") -> KernelFactory:
       A factory named ``"sgld"`` (Gaussian) or ``"sgld_rademacher"``. Equal arguments return
       the same factory, so repeated runs reuse one compiled program.
     """
-    if noise not in NOISES:
-        raise ValueError(f"noise={noise!r} is not one of {sorted(NOISES)}")
-    return _sgld_kernel(noise)
+    return _sgld_kernel(_check_noise(noise))
 
 
 @functools.lru_cache(maxsize=None)
