@@ -156,8 +156,8 @@ class Equilibrated(NamedTuple):
       draws: the draws after the burn-in, ``(chains, draws, …)``.
       num_burnin: the burn-in in steps (at least the planned one).
       num_steps: the steps every chain ran.
-      equilibrated: whether λ̂ stopped trending within the cap — and, after a plateau, left it
-        and stopped moving between doublings.
+      equilibrated: whether λ̂ stopped trending within the cap — and, if the run was extended,
+        left any plateau and stopped moving between the last two doublings.
       extensions: how many times the run was doubled.
       plateau: whether the ``plateau`` test held at some round (the run was then allowed up to
         ``max_plateau_extension``).
@@ -188,7 +188,8 @@ def _level(llc):
 
 
 def _agree(level, previous, rtol, z) -> bool:
-    """Two rounds' λ̂ agree: their difference plus ``z`` standard errors within ``rtol``."""
+    """Two rounds' λ̂ agree: their difference plus ``z`` standard errors within ``rtol`` (a noisy
+    pair cannot agree by being noisy)."""
     if level is None or previous is None:
         return False
     (a, se_a), (b, se_b) = level, previous
@@ -210,8 +211,13 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
 
     The burn-in is the later of ``num_burnin`` and :func:`equilibration_time` of the healthy
     chains' λ̂ trace; the draws are every recorded draw after it (at least a quarter of the
-    run). Chains continue where they stopped (:func:`slt_jax.chains.run_chains` with
-    ``state``), so an extended run is the same run as one planned that long.
+    run). A run that had to be extended is a slow one, and a slow climb can stall long enough
+    to pass the trend test (DLN 10-26-24-38 of ``benchmarks/dln_accuracy.py`` held λ̂ ≈ 136 from
+    24k to 36k steps, then climbed to λ = 146 by 54k): it ends only when, besides, the newest
+    doubling's λ̂ agrees with the previous round's — the difference plus ``z`` standard errors
+    within ``rtol``, disjoint windows.
+    Chains continue where they stopped (:func:`slt_jax.chains.run_chains` with ``state``), so
+    an extended run is the same run as one planned that long.
 
     Args:
       key, config, inputs: as for :func:`slt_jax.chains.run_chains`.
@@ -252,16 +258,17 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         burn = None if settle is None else max(num_burnin, settle)
         tail = None if burn is None else llc[healthy][:, steps > burn]
         stuck = tail is not None and plateau is not None and bool(plateau(tail))
-        # Chains caught on a plateau leave it slowly, and a slow climb can pass the trend test:
-        # after one, the run is over only when the newest doubling's draws agree with the
-        # previous round's (disjoint windows).
+        # A slow climb can pass the trend test where it stalls: once a run has had to be extended
+        # (it trended at its plan, or sat on a plateau), it is over only when the newest
+        # doubling's draws agree with the previous round's (disjoint windows).
         newest = None if burn is None else _level(llc[healthy][:, steps > max(burn, before * spd)])
-        steady = not seen_plateau or _agree(newest, previous, rtol, z)
+        steady = extensions == 0 or _agree(newest, previous, rtol, z)
         seen_plateau |= stuck
         limit = plateau_cap if seen_plateau else cap
         if (settle is not None and not stuck and steady) or done >= limit or not healthy.any():  # all diverged
             break
-        previous = None if tail is None else _level(tail)
+        # Still trending: the round's last quarter is its latest level.
+        previous = _level(tail if tail is not None else llc[healthy][:, steps > FRACTIONS[-1] * steps[-1]])
         target = min(2 * done, limit)
         extensions += 1
     equilibrated = settle is not None and not stuck and steady
@@ -288,6 +295,8 @@ def equilibration_warning(run: Equilibrated, *, laplace, planned: int, step_size
     if run.trending:
         return (f"λ̂ still trends after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is "
                 f"the last quarter of the run and may read low; raise {option}")
-    return (f"λ̂ left the Laplace value {laplace['llc']:.4g} but still moved between the last two doublings after "
-            f"{run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is the draws after the burn-in "
-            f"read off the trace and may still be settling; raise {option}")
+    left = f"λ̂ left the Laplace value {laplace['llc']:.4g}, but" if run.plateau else "λ̂ stopped trending, but"
+    return (f"{left} the last two doublings did not agree within the tolerance (including their standard error) "
+            f"after {run.num_steps} steps ({cap}) at step size {step_size:.3g}: the estimate is the draws after the "
+            f"burn-in read off the trace and may still be settling; raise {option}, or num_chains to sharpen the "
+            f"comparison")
