@@ -258,14 +258,19 @@ def chain_keys(key, num_chains: int):
 
 
 def plan_chunks(total: int, chunk_size: int | None = None):
-    """``(count, size)``: ``total`` steps in equal chunks of at most ``chunk_size`` (default
-    about a twentieth of the run, at least 100), the last one padded. Each chunk size is one
-    compiled program."""
-    target = chunk_size or max(100, math.ceil(total / 20))
+    """``(count, size)``: ``total`` steps in chunks of ``size`` steps, the last one padded.
+
+    Each chunk size is one compiled program, so the size does not follow the run's length: a
+    given ``chunk_size`` is used as it is, for runs of any length, and the default — about a
+    twentieth of the run, at least 128 steps — is rounded up to a power of two, so runs within
+    a factor of two of each other (a calibration sweep and the estimate it schedules) share
+    one. Padded steps skip the sampler step.
+    """
     if total == 0:
         return 0, 0
-    count = math.ceil(total / max(1, target))
-    return count, math.ceil(total / count)
+    power = lambda x: 2 ** math.ceil(math.log2(max(1.0, x)))
+    size = chunk_size or min(max(128, power(total / 20)), power(total))
+    return math.ceil(total / size), size
 
 
 def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_burnin, num_draws, chunk_size=None,
@@ -279,7 +284,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
         broadcast to one value per chain.
       num_chains, num_burnin, num_draws: chain count, burn-in steps, recorded draws.
       chunk_size: sampler steps per compiled chunk (progress granularity); default about a
-        twentieth of the run, at least 100 steps.
+        twentieth of the run, at least 128 steps, rounded up to a power of two
+        (:func:`plan_chunks`).
       progress: show a progress bar (tqdm; hidden when output is not a terminal).
       state, start: continue chains from ``state`` (the first value this function returned)
         at global step ``start`` — the steps it has run — instead of starting them at w*.

@@ -240,8 +240,7 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
     planned = max(8, math.ceil((num_burnin + num_draws * spd) / spd))  # in draws
     cap = max(planned, math.ceil(planned * max_extension))
     plateau_cap = max(cap, math.ceil(planned * max_plateau_extension))
-    # Every round is a multiple of the first: its chunk size splits them too (exactly when it
-    # divides the first round; else nearly always), so extending reuses the compiled chunk.
+    # Every round runs in the first round's chunks: extending reuses the compiled program.
     chunk_size = plan_chunks(planned * spd, chunk_size)[1]
     state, records, done, extensions = None, [], 0, 0
     target, seen_plateau, stuck, previous = planned, False, False, None

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import slt_jax
+from slt_jax.chains import plan_chunks
 from slt_jax.models.adapters import gaussian_nll
 
 
@@ -153,6 +154,32 @@ def test_one_compiled_program_serves_many_points():
     slt_jax.estimate_llc(loss_fn, jnp.ones(2), data, jax.random.key(1), **kw)
     slt_jax.estimate_llc(loss_fn, jnp.ones(2), data, jax.random.key(1), **{**kw, "step_size": 2e-3})
     assert len(traces) == before
+
+
+def test_runs_of_other_lengths_reuse_the_compiled_chunk():
+    # A given chunk_size is used as it is; the default rounds a twentieth of the run up to a
+    # power of two (at least 128 steps, at most the run's own power of two).
+    assert plan_chunks(9011, 500) == (19, 500) and plan_chunks(9011) == (18, 512)
+    assert plan_chunks(3000) == (12, 256) and plan_chunks(4000) == (16, 256)
+    assert plan_chunks(40) == (1, 64) and plan_chunks(0) == (0, 0)
+    traces = []
+
+    def loss_fn(w, batch):
+        traces.append(1)  # runs only while JAX traces
+        return 0.5 * jnp.sum(w**2) + 0.0 * jnp.mean(batch)
+
+    data, kw = jnp.zeros((100, 1)), dict(step_size=1e-3, localization=1.0, num_chains=2, progress=False)
+    run = lambda burnin, draws, **extra: slt_jax.estimate_llc(loss_fn, jnp.zeros(2), data, jax.random.key(0),
+                                                               num_burnin=burnin, num_draws=draws, **extra, **kw)
+    run(100, 200, chunk_size=64)
+    first = len(traces)
+    run(150, 333, chunk_size=64)
+    assert len(traces) == first
+    run(1000, 2000)  # 3000 steps: chunks of 256, a new program
+    second = len(traces)
+    assert second > first
+    run(1000, 3000)  # 4000 steps: the same chunks of 256
+    assert len(traces) == second
 
 
 @pytest.mark.parametrize(
