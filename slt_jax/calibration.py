@@ -416,13 +416,15 @@ def calibrate(
                        trend=float(good[:, half:].mean() - good[:, :half].mean()),
                        trend_se=math.hypot(_se(good[:, :half]), _se(good[:, half:])))
             if mala:
-                chain_positions = jax.tree.map(lambda x: x[chains][healthy], positions)
+                chain_positions = jax.tree.map(lambda x: x[chains], positions)
                 posterior = LocalPosterior(params, jnp.float32(nb), jnp.float32(gamma), mask)
-                # One block of n rows: within the n·d budget, and a much smaller program.
+                # One block of n rows: within the n·d budget, and a much smaller program. Every
+                # chain of the group is checked (one program for any number of diverged ones);
+                # only the healthy ones count.
                 rates = mala_acceptance(loss_fn, data, posterior, chain_positions,
                                         jax.random.fold_in(key_mala, g), step_size=eps, num_steps=16,
                                         batch_size=n)
-                row["mala"] = float(np.mean(rates))
+                row["mala"] = float(np.mean(rates[healthy]))
         rows.append(row)
 
     status, reason = [None] * num_groups, [None] * num_groups
