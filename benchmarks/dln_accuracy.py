@@ -131,6 +131,7 @@ def run_network(key, scale: str, n: int, chains: int, burnin: int, draws: int) -
         laplace_estimate=result.settings["equilibration"]["laplace"],
         plateau_seen=result.settings["equilibration"]["plateau"],
         still_at_plateau=result.settings["equilibration"]["still_at_plateau"],
+        stiffness=result.settings["equilibration"]["stiffness"],
     )
     return row
 

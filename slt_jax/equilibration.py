@@ -204,7 +204,7 @@ def _concat(records):
 def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, num_chains: int,
                            num_burnin: int, num_draws: int, max_extension: float, rtol: float = 0.05,
                            z: float = 1.0, plateau: Callable | None = None, max_plateau_extension: float = 1.0,
-                           chunk_size=None, progress=True) -> Equilibrated:
+                           chunk_size=None, progress=True, state=None, start: int = 0) -> Equilibrated:
     """Run the planned ``num_burnin + num_draws·steps_per_draw`` steps, recording from step 0,
     and double the run while λ̂ still trends, up to ``max_extension`` times the plan — or
     while it sits on a ``plateau``, up to ``max_plateau_extension`` times.
@@ -232,6 +232,9 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         has held, the run's cap is ``max_plateau_extension`` times the plan.
       max_plateau_extension: that cap (≥ 1).
       chunk_size, progress: as for :func:`slt_jax.chains.run_chains`.
+      state, start: continue chains from ``state`` after the ``start`` steps they have run
+        (:func:`slt_jax.chains.run_chains`) instead of starting them at w*; the burn-in, the
+        trend test and the returned draws and ``num_steps`` count from there.
 
     Returns:
       An :class:`Equilibrated`.
@@ -242,12 +245,12 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
     plateau_cap = max(cap, math.ceil(planned * max_plateau_extension))
     # Every round runs in the first round's chunks: extending reuses the compiled program.
     chunk_size = plan_chunks(planned * spd, chunk_size)[1]
-    state, records, done, extensions = None, [], 0, 0
+    records, done, extensions = [], 0, 0
     target, seen_plateau, stuck, previous = planned, False, False, None
     while True:
         state, record = run_chains(key, config, inputs, num_chains=num_chains, num_burnin=0,
                                    num_draws=target - done, chunk_size=chunk_size, progress=progress,
-                                   state=state, start=done * spd)
+                                   state=state, start=start + done * spd)
         records.append(record)
         before, done = done, target
         draws = _concat(records)

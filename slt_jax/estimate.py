@@ -24,6 +24,7 @@ from slt_jax.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
 from slt_jax.results import LLCResult
 from slt_jax.samplers import get_kernel
+from slt_jax.step_grid import chain_stiffness, stable_step
 
 DEFAULT_BATCH_SIZE = 256
 # With a calibrated step size, the longest run as a multiple of the calibrated schedule.
@@ -32,6 +33,11 @@ DEFAULT_MAX_EXTENSION = 8.0
 # 8-layer DLN of benchmarks/dln_accuracy.py sat on it for ~20k steps, 11× its 1750-step schedule.
 DEFAULT_MAX_PLATEAU_EXTENSION = 64.0
 LAPLACE_STREAM = 2**31 - 2  # fold_in(key, ·) for the Laplace value's probe vectors
+STIFFNESS_STREAM = 2**31 - 16  # fold_in(key, · + k) for the k-th stiffness check at the chains
+# The stiffness check applies to the kernels whose step size is ε itself (no preconditioner);
+# a run is continued at a smaller step at most this many times.
+STEP_CHECKED_KERNELS = ("sgld", "sgld_rademacher")
+MAX_STEP_REDUCTIONS = 4
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
 
@@ -133,7 +139,12 @@ def estimate_llc(
         A flat trace can still be a metastable plateau: the run is also compared with the
         Laplace value of w* (:func:`slt_jax.laplace_llc`), and while it reads that value at a
         point whose Hessian leaves directions unconfined it keeps doubling, up to
-        ``max_plateau_extension`` (:mod:`slt_jax.equilibration`).
+        ``max_plateau_extension`` (:mod:`slt_jax.equilibration`). Chains that leave w* can
+        reach stiffer ground than the grid was placed for: when the run ends, the largest
+        Hessian eigenvalue h at the chains' positions is measured, and where the step exceeds
+        the grid's rule ``1/(nβh + γ)`` the same chains continue at the step halved until it
+        does not (up to 4 times; SGLD kernels), their burn-in and draws counted afresh
+        (``settings["equilibration"]["stiffness"]`` lists each check).
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
       num_chains: independent chains (vectorised with vmap).
@@ -289,18 +300,46 @@ def estimate_llc(
         if max_plateau_extension is not None and param_mask is None and eval_data is None:
             laplace, plateau = plateau_check(user_loss_fn, params, data, nbeta=nbeta, localization=localization,
                                              num_sampled=num_sampled, key=jax.random.fold_in(key, LAPLACE_STREAM))
-        run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
-                                     num_draws=num_draws, max_extension=max_extension,
-                                     rtol=calibration.settings["rtol"], z=calibration.settings["z"],
-                                     plateau=plateau, max_plateau_extension=max_plateau_extension or 1.0,
-                                     chunk_size=chunk_size, progress=progress)
-        state, draws = run.state, run.draws
+        state, start, stiffness = None, 0, []
+        while True:
+            run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains,
+                                         num_burnin=num_burnin, num_draws=num_draws, max_extension=max_extension,
+                                         rtol=calibration.settings["rtol"], z=calibration.settings["z"],
+                                         plateau=plateau, max_plateau_extension=max_plateau_extension or 1.0,
+                                         chunk_size=chunk_size, progress=progress, state=state, start=start)
+            state, start = run.state, start + run.num_steps
+            healthy_now = np.asarray(state.diverged_at) < 0
+            if kernel.name not in STEP_CHECKED_KERNELS or not healthy_now.any():
+                break
+            # The grid's rule where the chains went: a run that reached stiffer ground than w*'s
+            # continues from there at a smaller step (step_grid.chain_stiffness).
+            positions = jax.tree.map(lambda x: x[healthy_now], state.kernel_state.position)
+            h = float(np.max(chain_stiffness(user_loss_fn, positions, data,
+                                             jax.random.fold_in(key, STIFFNESS_STREAM + len(stiffness)),
+                                             param_mask=param_mask)))
+            smaller = stable_step(step_size, h, nbeta=nbeta, localization=localization)
+            stiffness.append({"after_steps": start, "step_size": step_size, "stiffness": h,
+                              "limit": 1.0 / (nbeta * h + localization)})
+            if smaller == step_size:
+                break
+            if len(stiffness) > MAX_STEP_REDUCTIONS:
+                warnings.warn(f"the chains still sit where the Hessian's scale h = {h:.4g} calls for a step size "
+                              f"below {smaller:.3g} after {MAX_STEP_REDUCTIONS} reductions to {step_size:.3g}: "
+                              f"λ̂ may read high (SGLD step bias); pass a smaller step_size", CalibrationWarning,
+                              stacklevel=2)
+                break
+            step_size = smaller
+            burnin, draws = calibration.schedule(step_size, steps_per_draw, nbeta, localization)
+            num_burnin, num_draws = max(num_burnin, burnin), max(num_draws, draws)
+            inputs = inputs._replace(step_size=jnp.asarray(step_size, acc))
+        draws = run.draws
         planned = num_burnin + num_draws * steps_per_draw
         num_burnin, num_draws = run.num_burnin, int(draws.batch_loss.shape[1])
-        equilibration = {"equilibrated": run.equilibrated, "num_steps": run.num_steps,
+        equilibration = {"equilibrated": run.equilibrated, "num_steps": start, "final_steps": run.num_steps,
                          "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension,
                          "max_plateau_extension": max_plateau_extension, "laplace": laplace,
-                         "plateau": run.plateau, "still_at_plateau": run.still_at_plateau}
+                         "plateau": run.plateau, "still_at_plateau": run.still_at_plateau,
+                         "stiffness": stiffness}
         message = equilibration_warning(run, laplace=laplace, planned=planned, step_size=step_size,
                                         max_extension=max_extension, max_plateau_extension=max_plateau_extension)
         if message is not None:

@@ -1,6 +1,7 @@
 """Where step sizes start: a geometric grid below the localized posterior's stiffness scale.
 
-SGLD on ``exp(−nβ·L_n(w) − γ/2·‖w − w*‖²)`` is linearly stable for ε < 2/(nβ·h + γ), h the
+SGLD on ``exp(−nβ·L_n(w) − γ/2·‖w − w*‖²)`` (``w' = w − ε/2·∇U + √ε·ξ``) is linearly stable for
+ε < 4/(nβ·h + γ), and at ε = 1/(nβ·h + γ) inflates the stiffest direction's variance by 4/3, h the
 largest Hessian eigenvalue of L_n along the way (REFERENCE.md §3: large weights make the loss
 stiff; Lau et al., arXiv:2308.12108). :func:`default_step_sizes` estimates h by power
 iteration on Hessian-vector products and places :func:`slt_jax.calibrate`'s default grid.
@@ -73,11 +74,56 @@ def _normal_like(key, tree):
     return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
+@partial(jax.jit, static_argnames=("loss_fn",))
+def _chain_curvatures(loss_fn, batch, positions, probe, mask):
+    return jax.vmap(_top_curvature, in_axes=(None, None, 0, None, None))(loss_fn, batch, positions, probe, mask)
+
+
+def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.ndarray:
+    """h at each chain's position: |largest Hessian eigenvalue| of ``L_B`` there (power
+    iteration on a probe batch of up to 4096 rows, the grid's own estimate).
+
+    :func:`default_step_sizes` places its grid with h estimated near w*; chains that leave a
+    singular point along its flat directions can reach much stiffer ground. On the 8-layer
+    DLN 61-86-49-29-30-14-68-62 of ``benchmarks/dln_accuracy.py`` h was 305 at w* and 1130–1220
+    at the four chains after they left the Laplace plateau at ε = 3.2e-7 (ε·nβh ≈ 3.2, past
+    SGLD's linear stability limit 4 and ~5× that direction's variance): λ̂ kept rising past
+    λ = 268 (+37 % at the end of the run)
+    while continuing the same chains at ε/2 held it near 285.
+
+    Args:
+      loss_fn, data: as in :func:`slt_jax.calibrate`.
+      positions: the chains' positions, a params pytree with a leading chain axis.
+      key: PRNG key for the probe batch and the power iteration's start.
+      param_mask: as in :func:`slt_jax.estimate_llc` (curvature on the sampled coordinates).
+
+    Returns:
+      h per chain, ``(chains,)``.
+    """
+    n = validation.check_data(data)
+    key_batch, key_power = jax.random.split(key)
+    batch = _probe_batch(key_batch, data, min(n, _PROBE_ROWS))
+    center = jax.tree.map(lambda x: x[0], positions)
+    mask = masks.resolve_mask(param_mask, center)
+    mask = jax.tree.map(jnp.ones_like, center) if mask is None else mask
+    probe = _normal_like(key_power, center)
+    return np.asarray(_chain_curvatures(loss_fn, batch, positions, probe, mask), np.float64)
+
+
+def stable_step(step_size: float, stiffness: float, *, nbeta, localization, factor: float = GRID_FACTOR) -> float:
+    """``step_size`` divided by ``factor`` until it is at most the grid's top rule
+    ``1/(nβ·h + γ)`` for the stiffness h (itself if it already is)."""
+    limit = 1.0 / (nbeta * stiffness + localization)
+    while step_size > limit:
+        step_size /= factor
+    return step_size
+
+
 def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param_mask=None,
                        num_points: int = GRID_POINTS, factor: float = GRID_FACTOR) -> np.ndarray:
     """A geometric grid of step sizes below the posterior's stiffness scale.
 
-    For the localized posterior the SGLD step is linearly stable for ε < 2/(nβ·h + γ), h the
+    For the localized posterior the SGLD step is linearly stable for ε < 4/(nβ·h + γ), h the
     largest Hessian eigenvalue of L_n along the way (REFERENCE.md §3: large weights make the
     loss stiff). h is taken as the larger of its value at w* and at a typical posterior
     point — w* plus a random direction scaled until ``nβ·(L − L(w*)) = d/2``, the most a

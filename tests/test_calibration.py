@@ -15,7 +15,7 @@ import pytest
 import slt_jax
 from slt_jax.calibration import CalibrationError, calibrate
 from slt_jax.step_choice import choose_step_size
-from slt_jax.step_grid import GRID_FACTOR, GRID_POINTS, default_step_sizes
+from slt_jax.step_grid import GRID_FACTOR, GRID_POINTS, chain_stiffness, default_step_sizes, stable_step
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
@@ -201,6 +201,52 @@ def test_default_grid_finds_the_scale_where_the_hessian_at_w_star_vanishes():
                               localization=1.0)
     assert np.all(np.isfinite(grid)) and grid[-1] < 0.5  # not the γ-only scale 1/γ = 1
     assert grid[-1] > 1e-5
+
+
+def test_chain_stiffness_is_the_hessian_scale_at_each_chain():
+    # K = Σ w⁴: Hessian diag(12 w²), so h at a position is 12·max w² (eigenvalue gaps ≥ 4×,
+    # the power iteration has converged).
+    def quartic(w, batch):
+        return jnp.sum(w**4) + 0.0 * jnp.mean(batch)
+
+    positions = jnp.array([[1.0, 0.5, 0.2], [0.1, -0.3, 0.05], [2.0, 0.0, 0.5]])
+    h = chain_stiffness(quartic, positions, jnp.zeros((8, 1)), jax.random.key(0))
+    np.testing.assert_allclose(h, 12 * np.max(np.asarray(positions) ** 2, axis=1), rtol=1e-4)
+    masked = chain_stiffness(quartic, positions, jnp.zeros((8, 1)), jax.random.key(0),
+                             param_mask=jnp.array([0.0, 1.0, 1.0]))
+    np.testing.assert_allclose(masked, [12 * 0.25, 12 * 0.09, 12 * 0.25], rtol=1e-4)
+
+
+def test_stable_step_halves_until_the_grid_rule_holds():
+    # 1/(nβh + γ) = 1/10001: 1e-3 halves four times, to 6.25e-5; a step already below stays.
+    assert stable_step(1e-3, 1000.0, nbeta=10.0, localization=1.0) == pytest.approx(6.25e-5)
+    assert stable_step(5e-5, 1000.0, nbeta=10.0, localization=1.0) == 5e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_step_too_stiff_where_the_chains_went_is_halved_and_the_estimate_follows(seed):
+    # On the Gaussian model h = max H everywhere. A calibration of the one step 2/a_max
+    # (twice the grid's top rule 1/(nβh + γ); stable, biased) is accepted for want of smaller
+    # ones; the stiffness check at the chains then halves it once, to 1/a_max, continuing the
+    # same chains. λ̂ is the SGLD estimand at ε/2 — which the estimand at ε misses by far more
+    # than the tolerance of 4 standard errors (chain spread), so the check is what passes.
+    eps = 2.0 / PRECISION.max()
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(seed), localization=GAMMA,
+                    nbeta=NBETA, step_sizes=[eps], batch_size=1, num_steps=3000, num_chains=8, mala=False,
+                    progress=False)
+    assert cal.recommended() == eps
+    result = slt_jax.estimate_llc(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(seed),
+                                  step_size=cal, localization=GAMMA, nbeta=NBETA, batch_size=1, num_chains=8,
+                                  progress=False)
+    checks = result.settings["equilibration"]["stiffness"]
+    assert [c["step_size"] for c in checks] == [eps, eps / 2]
+    assert 0.9 * H.max() < checks[0]["stiffness"] <= H.max() * 1.001
+    assert eps > checks[0]["limit"] and eps / 2 <= checks[1]["limit"]
+    assert result.settings["step_size"] == eps / 2
+    assert result.settings["equilibration"]["num_steps"] > result.settings["equilibration"]["final_steps"]
+    tolerance = 4 * result.llc_se
+    assert abs(result.llc_mean - _sgld_estimand(eps / 2)) < tolerance, (result.llc_mean, _sgld_estimand(eps / 2))
+    assert abs(_sgld_estimand(eps) - _sgld_estimand(eps / 2)) > 3 * tolerance
 
 
 def test_schedule_plot_and_json(tmp_path):
