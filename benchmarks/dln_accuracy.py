@@ -19,6 +19,9 @@ The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scal
     doubled while λ̂ still trends, up to 8× — or while it still reads the Laplace value of w*
     (``settings["equilibration"]["laplace"]``), up to 64× (``slt_jax.equilibration``; the
     row records the steps run, the doublings and whether the run sat on that plateau);
+    when the run ends, the largest Hessian eigenvalue at the chains is measured and, where the
+    step exceeds the grid's rule 1/(nβh + γ) there, the same chains continue at a halved step
+    (the ε column then reads "final (from calibrated)"; ``stiffness`` in the row);
   * ground truth: ``dln_learning_coefficient(widths, r)``; multiplicity m > 1 adds a
     negative finite-n correction of order (m − 1)/log(nβ) (REFERENCE.md §3), so the table
     also reports the m = 1 networks on their own, and the networks whose estimate found λ̂
@@ -211,6 +214,8 @@ def main(argv=None):
             rows.append(row)
             est = "calibration failed" if row["llc_mean"] is None else f"{row['llc_mean']:.4g} ± {row['llc_se']:.2g}"
             eps = "—" if row["step_size"] is None else f"{row['step_size']:.2g}"
+            if row.get("stiffness") and row["stiffness"][0]["step_size"] != row["step_size"]:
+                eps += f" (from {row['stiffness'][0]['step_size']:.2g})"  # continued at a smaller step
             print(f"| {scale} | {'-'.join(map(str, row['widths']))} | {row['rank']} | {row['num_params']} | "
                   f"{row['lambda']:g} ({row['multiplicity']}) | {row['laplace']:g} | {est} | {_pct(row['rel_error'])} | "
                   f"{eps} | {row.get('num_steps', '—')} ({row.get('extensions', '—')}) | "

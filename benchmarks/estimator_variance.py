@@ -32,7 +32,7 @@ Run::
     python benchmarks/estimator_variance.py [--seeds 20] [--budget 16000]
 
 It prints three tables and writes ``benchmarks/results/estimator_variance.json`` and
-``estimator_variance.png``. The defaults take about 10–20 minutes on two CPU cores.
+``estimator_variance.png``. The defaults took 4 minutes on two CPU cores.
 """
 
 import argparse

@@ -164,6 +164,8 @@ class Equilibrated(NamedTuple):
       still_at_plateau: whether it still held when the run stopped.
       trending: whether λ̂ still trended when the run stopped (the draws are then its last
         quarter).
+      chunk_size: the steps per compiled chunk every round ran in (a continuation passing it
+        on compiles no new program).
     """
 
     state: object
@@ -175,6 +177,7 @@ class Equilibrated(NamedTuple):
     plateau: bool = False
     still_at_plateau: bool = False
     trending: bool = False
+    chunk_size: int | None = None
 
 
 def _level(llc):
@@ -279,7 +282,7 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
     burnin = min(max(num_burnin, int(settle)), int(steps[-4] - spd))
     kept = jax.tree.map(lambda x: x[:, steps > burnin], draws)
     return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions, seen_plateau, stuck,
-                        trending=burn is None)
+                        trending=burn is None, chunk_size=chunk_size)
 
 
 def equilibration_warning(run: Equilibrated, *, laplace, planned: int, step_size: float, max_extension: float,

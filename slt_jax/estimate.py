@@ -142,9 +142,9 @@ def estimate_llc(
         ``max_plateau_extension`` (:mod:`slt_jax.equilibration`). Chains that leave w* can
         reach stiffer ground than the grid was placed for: when the run ends, the largest
         Hessian eigenvalue h at the chains' positions is measured, and where the step exceeds
-        the grid's rule ``1/(nβh + γ)`` the same chains continue at the step halved until it
-        does not (up to 4 times; SGLD kernels), their burn-in and draws counted afresh
-        (``settings["equilibration"]["stiffness"]`` lists each check).
+        the grid's rule ``1/(nβh + γ)`` the same chains continue at the step halved as often
+        as that takes (at most 4 continuations; SGLD kernels), their burn-in and draws counted
+        afresh (``settings["equilibration"]["stiffness"]`` lists each check).
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
       num_chains: independent chains (vectorised with vmap).
@@ -300,26 +300,28 @@ def estimate_llc(
         if max_plateau_extension is not None and param_mask is None and eval_data is None:
             laplace, plateau = plateau_check(user_loss_fn, params, data, nbeta=nbeta, localization=localization,
                                              num_sampled=num_sampled, key=jax.random.fold_in(key, LAPLACE_STREAM))
-        state, start, stiffness = None, 0, []
+        state, start, stiffness, segments = None, 0, [], []
         while True:
             run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains,
                                          num_burnin=num_burnin, num_draws=num_draws, max_extension=max_extension,
                                          rtol=calibration.settings["rtol"], z=calibration.settings["z"],
                                          plateau=plateau, max_plateau_extension=max_plateau_extension or 1.0,
                                          chunk_size=chunk_size, progress=progress, state=state, start=start)
-            state, start = run.state, start + run.num_steps
+            state, start, chunk_size = run.state, start + run.num_steps, run.chunk_size
+            segments.append(run)
             healthy_now = np.asarray(state.diverged_at) < 0
             if kernel.name not in STEP_CHECKED_KERNELS or not healthy_now.any():
                 break
             # The grid's rule where the chains went: a run that reached stiffer ground than w*'s
             # continues from there at a smaller step (step_grid.chain_stiffness).
-            positions = jax.tree.map(lambda x: x[healthy_now], state.kernel_state.position)
-            h = float(np.max(chain_stiffness(user_loss_fn, positions, data,
+            # Every chain is measured (one program whatever diverged), the healthy ones count.
+            h = float(np.max(chain_stiffness(user_loss_fn, state.kernel_state.position, data,
                                              jax.random.fold_in(key, STIFFNESS_STREAM + len(stiffness)),
-                                             param_mask=param_mask)))
+                                             param_mask=param_mask)[healthy_now]))
             smaller = stable_step(step_size, h, nbeta=nbeta, localization=localization)
             stiffness.append({"after_steps": start, "step_size": step_size, "stiffness": h,
-                              "limit": 1.0 / (nbeta * h + localization)})
+                              "limit": 1.0 / (nbeta * h + localization), "steps": run.num_steps,
+                              "extensions": run.extensions, "plateau": run.plateau})
             if smaller == step_size:
                 break
             if len(stiffness) > MAX_STEP_REDUCTIONS:
@@ -336,9 +338,10 @@ def estimate_llc(
         planned = num_burnin + num_draws * steps_per_draw
         num_burnin, num_draws = run.num_burnin, int(draws.batch_loss.shape[1])
         equilibration = {"equilibrated": run.equilibrated, "num_steps": start, "final_steps": run.num_steps,
-                         "planned_steps": planned, "extensions": run.extensions, "max_extension": max_extension,
-                         "max_plateau_extension": max_plateau_extension, "laplace": laplace,
-                         "plateau": run.plateau, "still_at_plateau": run.still_at_plateau,
+                         "planned_steps": planned, "extensions": sum(r.extensions for r in segments),
+                         "max_extension": max_extension, "max_plateau_extension": max_plateau_extension,
+                         "laplace": laplace, "plateau": any(r.plateau for r in segments),
+                         "still_at_plateau": run.still_at_plateau,
                          "stiffness": stiffness}
         message = equilibration_warning(run, laplace=laplace, planned=planned, step_size=step_size,
                                         max_extension=max_extension, max_plateau_extension=max_plateau_extension)

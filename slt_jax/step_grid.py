@@ -51,16 +51,21 @@ def _top_curvature(loss_fn, batch, position, probe, mask):
 
 
 @partial(jax.jit, static_argnames=("loss_fn",))
-def _stiffness(loss_fn, batch, center, direction, probe, mask, radii, nbeta, dim):
-    """The larger Hessian scale of L_B at w* and at ``w* + r·z``, r the first of ``radii``
-    where ``nβ·(L_B(w* + r·z) − L_B(w*)) ≥ d/2`` (the last radius if none)."""
+def _curvatures(loss_fn, batch, positions, probe, mask):
+    """h at each of ``positions`` (a params pytree with a leading axis of 2): one program per
+    model, shared by the grid (w* and a typical point) and the chains (two at a time)."""
+    return jax.vmap(_top_curvature, in_axes=(None, None, 0, None, None))(loss_fn, batch, positions, probe, mask)
+
+
+@partial(jax.jit, static_argnames=("loss_fn",))
+def _typical_pair(loss_fn, batch, center, direction, radii, nbeta, dim):
+    """w* and ``w* + r·z`` stacked, r the first of ``radii`` where
+    ``nβ·(L_B(w* + r·z) − L_B(w*)) ≥ d/2`` (the last radius if none)."""
     base = loss_fn(center, batch)
     energy = jax.lax.map(lambda r: nbeta * (loss_fn(_axpy(r, direction, center), batch) - base), radii)
     reached = jnp.nan_to_num(energy, nan=jnp.inf) >= dim / 2
     radius = radii[jnp.where(jnp.any(reached), jnp.argmax(reached), radii.size - 1)]
-    both = jax.tree.map(lambda c, z: jnp.stack([c, c + radius * z]), center, direction)
-    curvature = jax.vmap(_top_curvature, in_axes=(None, None, 0, None, None))(loss_fn, batch, both, probe, mask)
-    return jnp.max(curvature)
+    return jax.tree.map(lambda c, z: jnp.stack([c, c + radius * z]), center, direction)
 
 
 _probe_batch = jax.jit(minibatch, static_argnums=2)
@@ -74,11 +79,6 @@ def _normal_like(key, tree):
     return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
-@partial(jax.jit, static_argnames=("loss_fn",))
-def _chain_curvatures(loss_fn, batch, positions, probe, mask):
-    return jax.vmap(_top_curvature, in_axes=(None, None, 0, None, None))(loss_fn, batch, positions, probe, mask)
-
-
 def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.ndarray:
     """h at each chain's position: |largest Hessian eigenvalue| of ``L_B`` there (power
     iteration on a probe batch of up to 4096 rows, the grid's own estimate).
@@ -86,10 +86,10 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.nda
     :func:`default_step_sizes` places its grid with h estimated near w*; chains that leave a
     singular point along its flat directions can reach much stiffer ground. On the 8-layer
     DLN 61-86-49-29-30-14-68-62 of ``benchmarks/dln_accuracy.py`` h was 305 at w* and 1130–1220
-    at the four chains after they left the Laplace plateau at ε = 3.2e-7 (ε·nβh ≈ 3.2, past
-    SGLD's linear stability limit 4 and ~5× that direction's variance): λ̂ kept rising past
-    λ = 268 (+37 % at the end of the run)
-    while continuing the same chains at ε/2 held it near 285.
+    at the four chains after they left the Laplace plateau at ε = 3.2e-7 (ε·(nβh + γ) ≈ 3.2,
+    near SGLD's linear stability limit 4, where the stiffest direction's variance is ~5× its
+    own): λ̂ kept rising past λ = 268 (+37 % at the end of the run), while continuing the same
+    chains at ε/2 held it near 285.
 
     Args:
       loss_fn, data: as in :func:`slt_jax.calibrate`.
@@ -103,11 +103,17 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.nda
     n = validation.check_data(data)
     key_batch, key_power = jax.random.split(key)
     batch = _probe_batch(key_batch, data, min(n, _PROBE_ROWS))
-    center = jax.tree.map(lambda x: x[0], positions)
+    # On the host: uncommitted like the grid's arguments, so the grid's compiled program serves
+    # the chains two at a time whatever mesh they ran on.
+    host = jax.device_get(positions)
+    center = jax.tree.map(lambda x: jnp.asarray(x[0]), host)
     mask = masks.resolve_mask(param_mask, center)
     mask = jax.tree.map(jnp.ones_like, center) if mask is None else mask
     probe = _normal_like(key_power, center)
-    return np.asarray(_chain_curvatures(loss_fn, batch, positions, probe, mask), np.float64)
+    num_chains = jax.tree.leaves(positions)[0].shape[0]
+    pairs = [jax.tree.map(lambda x: x[[i, min(i + 1, num_chains - 1)]], host) for i in range(0, num_chains, 2)]
+    h = [np.asarray(_curvatures(loss_fn, batch, pair, probe, mask), np.float64) for pair in pairs]
+    return np.concatenate(h)[:num_chains]
 
 
 def stable_step(step_size: float, stiffness: float, *, nbeta, localization, factor: float = GRID_FACTOR) -> float:
@@ -159,7 +165,8 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
     top = 10.0 * scale if localization == 0 else min(10.0 * scale, 10.0 / math.sqrt(localization))
     radii = jnp.logspace(math.log10(top) - 9, math.log10(top), _RADII, dtype=flat.dtype)
     probe = _normal_like(key_power, params)
-    h = float(_stiffness(loss_fn, batch, params, direction, probe, mask, radii, nbeta, dim))
+    both = _typical_pair(loss_fn, batch, params, direction, radii, nbeta, dim)
+    h = float(jnp.max(_curvatures(loss_fn, batch, both, probe, mask)))
     if not np.isfinite(h):
         raise ValueError("loss_fn has a non-finite Hessian near params: cannot place a step-size grid; "
                          "pass step_sizes explicitly")

@@ -243,7 +243,9 @@ def test_a_step_too_stiff_where_the_chains_went_is_halved_and_the_estimate_follo
     assert 0.9 * H.max() < checks[0]["stiffness"] <= H.max() * 1.001
     assert eps > checks[0]["limit"] and eps / 2 <= checks[1]["limit"]
     assert result.settings["step_size"] == eps / 2
-    assert result.settings["equilibration"]["num_steps"] > result.settings["equilibration"]["final_steps"]
+    record = result.settings["equilibration"]
+    assert record["num_steps"] == checks[1]["after_steps"] > record["final_steps"] == checks[1]["steps"]
+    assert record["extensions"] == sum(c["extensions"] for c in checks)
     tolerance = 4 * result.llc_se
     assert abs(result.llc_mean - _sgld_estimand(eps / 2)) < tolerance, (result.llc_mean, _sgld_estimand(eps / 2))
     assert abs(_sgld_estimand(eps) - _sgld_estimand(eps / 2)) > 3 * tolerance
