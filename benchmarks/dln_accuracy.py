@@ -45,9 +45,10 @@ Run::
 It prints a table per network and a summary (relative error: median, 90th percentile, worst;
 R² and slope of λ̂ against λ; wall time), writes ``benchmarks/results/dln_accuracy.json`` and
 a scatter plot ``dln_accuracy.png`` beside it. Targets: median relative error ≤ 5 %, worst
-≤ 15 %. The CPU defaults (8 networks at 1K, 3 at 10K) took 36 minutes on two cores, 14 of
-them the 8-layer network whose run sat on its Laplace value and was extended 64×, 12 the
-6-layer network 25-15-21-8-35-14 that climbed to the 8× cap (408k steps).
+≤ 15 %. The CPU defaults (8 networks at 1K, 3 at 10K) took 38 minutes on two cores, 14 of
+them the 8-layer network whose run sat on its Laplace value, was extended 64× and then
+continued at an eighth of its step (the stiffness check), 14 the 6-layer network
+25-15-21-8-35-14 that climbed to the 8× cap (408k steps).
 """
 
 import argparse
