@@ -17,14 +17,14 @@ from slt_jax import masks, nuts
 from slt_jax import sharding, validation
 from slt_jax.calibration import CALIBRATION_STREAM, Calibration, CalibrationWarning, calibrate
 from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
-from slt_jax.equilibration import equilibration_warning, plateau_check, run_until_equilibrated
+from slt_jax.equilibration import equilibration_warning, plateau_check
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
 from slt_jax.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
 from slt_jax.results import LLCResult
 from slt_jax.samplers import get_kernel
-from slt_jax.step_grid import chain_stiffness, stable_step
+from slt_jax.step_check import run_with_step_checks
 
 DEFAULT_BATCH_SIZE = 256
 # With a calibrated step size, the longest run as a multiple of the calibrated schedule.
@@ -33,11 +33,6 @@ DEFAULT_MAX_EXTENSION = 8.0
 # 8-layer DLN of benchmarks/dln_accuracy.py sat on it for ~20k steps, 11× its 1750-step schedule.
 DEFAULT_MAX_PLATEAU_EXTENSION = 64.0
 LAPLACE_STREAM = 2**31 - 2  # fold_in(key, ·) for the Laplace value's probe vectors
-STIFFNESS_STREAM = 2**31 - 16  # fold_in(key, · + k) for the k-th stiffness check at the chains
-# The stiffness check applies to the kernels whose step size is ε itself (no preconditioner);
-# a run is continued at a smaller step at most this many times.
-STEP_CHECKED_KERNELS = ("sgld", "sgld_rademacher")
-MAX_STEP_REDUCTIONS = 4
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
 
@@ -144,7 +139,8 @@ def estimate_llc(
         Hessian eigenvalue h at the chains' positions is measured, and where the step exceeds
         the grid's rule ``1/(nβh + γ)`` the same chains continue at the step halved as often
         as that takes (at most 4 continuations; SGLD kernels), their burn-in and draws counted
-        afresh (``settings["equilibration"]["stiffness"]`` lists each check).
+        afresh (:mod:`slt_jax.step_check`; ``settings["equilibration"]["stiffness"]`` lists each
+        check).
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
       num_chains: independent chains (vectorised with vmap).
@@ -300,49 +296,23 @@ def estimate_llc(
         if max_plateau_extension is not None and param_mask is None and eval_data is None:
             laplace, plateau = plateau_check(user_loss_fn, params, data, nbeta=nbeta, localization=localization,
                                              num_sampled=num_sampled, key=jax.random.fold_in(key, LAPLACE_STREAM))
-        state, start, stiffness, segments = None, 0, [], []
-        while True:
-            run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains,
-                                         num_burnin=num_burnin, num_draws=num_draws, max_extension=max_extension,
-                                         rtol=calibration.settings["rtol"], z=calibration.settings["z"],
-                                         plateau=plateau, max_plateau_extension=max_plateau_extension or 1.0,
-                                         chunk_size=chunk_size, progress=progress, state=state, start=start)
-            state, start, chunk_size = run.state, start + run.num_steps, run.chunk_size
-            segments.append(run)
-            healthy_now = np.asarray(state.diverged_at) < 0
-            if kernel.name not in STEP_CHECKED_KERNELS or not healthy_now.any():
-                break
-            # The grid's rule where the chains went: a run that reached stiffer ground than w*'s
-            # continues from there at a smaller step (step_grid.chain_stiffness).
-            # Every chain is measured (one program whatever diverged), the healthy ones count.
-            h = float(np.max(chain_stiffness(user_loss_fn, state.kernel_state.position, data,
-                                             jax.random.fold_in(key, STIFFNESS_STREAM + len(stiffness)),
-                                             param_mask=param_mask)[healthy_now]))
-            smaller = stable_step(step_size, h, nbeta=nbeta, localization=localization)
-            stiffness.append({"after_steps": start, "step_size": step_size, "stiffness": h,
-                              "limit": 1.0 / (nbeta * h + localization), "steps": run.num_steps,
-                              "extensions": run.extensions, "plateau": run.plateau})
-            if smaller == step_size:
-                break
-            if len(stiffness) > MAX_STEP_REDUCTIONS:
-                warnings.warn(f"the chains still sit where the Hessian's scale h = {h:.4g} calls for a step size "
-                              f"below {smaller:.3g} after {MAX_STEP_REDUCTIONS} reductions to {step_size:.3g}: "
-                              f"λ̂ may read high (SGLD step bias); pass a smaller step_size", CalibrationWarning,
-                              stacklevel=2)
-                break
-            step_size = smaller
-            burnin, draws = calibration.schedule(step_size, steps_per_draw, nbeta, localization)
-            num_burnin, num_draws = max(num_burnin, burnin), max(num_draws, draws)
-            inputs = inputs._replace(step_size=jnp.asarray(step_size, acc))
-        draws = run.draws
-        planned = num_burnin + num_draws * steps_per_draw
+        minimum = (num_burnin, num_draws)
+        checked = run_with_step_checks(
+            key, config, inputs, llc_of, step_size=step_size,
+            schedule=lambda eps: tuple(map(max, minimum, calibration.schedule(eps, steps_per_draw, nbeta,
+                                                                              localization))),
+            loss_fn=user_loss_fn, data=data, nbeta=nbeta, localization=localization, param_mask=param_mask,
+            num_chains=num_chains, num_burnin=num_burnin, num_draws=num_draws, max_extension=max_extension,
+            rtol=calibration.settings["rtol"], z=calibration.settings["z"], plateau=plateau,
+            max_plateau_extension=max_plateau_extension or 1.0, chunk_size=chunk_size, progress=progress)
+        run, step_size, planned = checked.run, checked.step_size, checked.planned_steps
+        state, draws = run.state, run.draws
         num_burnin, num_draws = run.num_burnin, int(draws.batch_loss.shape[1])
-        equilibration = {"equilibrated": run.equilibrated, "num_steps": start, "final_steps": run.num_steps,
-                         "planned_steps": planned, "extensions": sum(r.extensions for r in segments),
+        equilibration = {"equilibrated": run.equilibrated, "num_steps": checked.num_steps,
+                         "final_steps": run.num_steps, "planned_steps": planned, "extensions": checked.extensions,
                          "max_extension": max_extension, "max_plateau_extension": max_plateau_extension,
-                         "laplace": laplace, "plateau": any(r.plateau for r in segments),
-                         "still_at_plateau": run.still_at_plateau,
-                         "stiffness": stiffness}
+                         "laplace": laplace, "plateau": checked.plateau, "still_at_plateau": run.still_at_plateau,
+                         "stiffness": checked.checks}
         message = equilibration_warning(run, laplace=laplace, planned=planned, step_size=step_size,
                                         max_extension=max_extension, max_plateau_extension=max_plateau_extension)
         if message is not None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import slt_jax
+import slt_jax.step_check
 from slt_jax.calibration import CalibrationError, calibrate
 from slt_jax.step_choice import choose_step_size
 from slt_jax.step_grid import GRID_FACTOR, GRID_POINTS, chain_stiffness, default_step_sizes, stable_step
@@ -249,6 +250,23 @@ def test_a_step_too_stiff_where_the_chains_went_is_halved_and_the_estimate_follo
     tolerance = 4 * result.llc_se
     assert abs(result.llc_mean - _sgld_estimand(eps / 2)) < tolerance, (result.llc_mean, _sgld_estimand(eps / 2))
     assert abs(_sgld_estimand(eps) - _sgld_estimand(eps / 2)) > 3 * tolerance
+
+
+def test_a_step_still_too_stiff_at_the_reduction_cap_warns_and_is_kept(monkeypatch):
+    # With no reductions allowed, the same too-large step (2/a_max, above the rule at every
+    # position of the Gaussian model) is kept and the estimate warns that λ̂ may read high.
+    monkeypatch.setattr(slt_jax.step_check, "MAX_STEP_REDUCTIONS", 0)
+    eps = 2.0 / PRECISION.max()
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), localization=GAMMA,
+                    nbeta=NBETA, step_sizes=[eps], batch_size=1, num_steps=3000, num_chains=8, mala=False,
+                    progress=False)
+    with pytest.warns(slt_jax.CalibrationWarning, match="step_size"):
+        result = slt_jax.estimate_llc(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0),
+                                      step_size=cal, localization=GAMMA, nbeta=NBETA, batch_size=1,
+                                      num_chains=8, progress=False)
+    checks = result.settings["equilibration"]["stiffness"]
+    assert len(checks) == 1 and checks[0]["step_size"] == eps > checks[0]["limit"]
+    assert result.settings["step_size"] == eps
 
 
 def test_schedule_plot_and_json(tmp_path):
