@@ -66,6 +66,7 @@ from slt_jax.chains import ChainInputs, RunConfig, run_chains
 from slt_jax.equilibration import equilibration_time
 from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.mala import mala_acceptance
+from slt_jax.paths import local_path
 from slt_jax.plots import plot_llc_vs_step_size
 from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
 from slt_jax.results import dump_json, json_safe
@@ -224,7 +225,7 @@ class Calibration:
         ax.set_title(f"step-size calibration (nβ = {choice['nbeta']:.4g}, γ = {choice['localization']:.3g})",
                      fontsize="medium")
         if path is not None:
-            fig.savefig(path, format="png", dpi=120)
+            fig.savefig(local_path(path), format="png", dpi=120)
         return fig
 
     def __str__(self) -> str:

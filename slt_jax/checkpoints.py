@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from slt_jax.paths import checkpoint_path
+
 _DEFAULT_ITEM = "default"
 _MAX_REPORTED_PROBLEMS = 5
 _PREFETCH_THREAD_PREFIX = "slt_jax-checkpoint-prefetch"
@@ -32,7 +34,7 @@ _PREFETCH_THREAD_PREFIX = "slt_jax-checkpoint-prefetch"
 
 def _step_paths(directory) -> dict[int, epath.Path]:
     """Maps each finalised checkpoint step under `directory` to its path."""
-    root = epath.Path(directory)
+    root = checkpoint_path(directory, "directory")
     if not root.is_dir():
         raise ValueError(f"directory {str(root)!r} does not exist or is not a directory")
     # Orbax names steps `300`, `00000300` or `<prefix>_300`; unfinished saves are skipped.
@@ -175,8 +177,8 @@ class CheckpointTrajectory:
           ValueError: if the directory holds no checkpoints, a requested step is absent,
             or an argument has the wrong type.
         """
-        self._step_paths = _step_paths(directory)
-        self.directory = epath.Path(directory)
+        self.directory = checkpoint_path(directory, "directory")
+        self._step_paths = _step_paths(self.directory)
         if steps is None:
             self.steps = list(self._step_paths)
         else:
@@ -315,7 +317,7 @@ class CheckpointTrajectory:
 def infer_template(directory, step: int, item: str | None, select):
     """The parameter shapes of one checkpoint, from its metadata (nothing is restored)."""
     paths = {ocp.utils.step_from_checkpoint_name(p.name): p
-             for p in ocp.utils.checkpoint_steps_paths(epath.Path(directory))}
+             for p in ocp.utils.checkpoint_steps_paths(checkpoint_path(directory, "directory"))}
     item_path = paths[step] / ("default" if item is None else item)
     if not item_path.is_dir():
         items = sorted(p.name for p in paths[step].iterdir() if p.is_dir())

@@ -8,11 +8,10 @@ CSV and JSON.
 
 import csv
 import dataclasses
-import os
-from pathlib import Path
 
 import numpy as np
 
+from slt_jax.paths import local_path
 from slt_jax.early_warning import EarlyWarning, early_warning
 from slt_jax.plots import plot_early_warning, plot_llc_curve
 from slt_jax.results import dump_json, json_safe
@@ -128,7 +127,7 @@ class LLCCurve:
         for event in events:
             fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
         if path is not None:
-            fig.savefig(os.fspath(path), format="png", dpi=120)
+            fig.savefig(local_path(path), format="png", dpi=120)
         return fig
 
     def write(self, out_dir, *, stages: Stages | None = None, loss=None, events=(), seed=0,
@@ -145,7 +144,7 @@ class LLCCurve:
         Returns:
           The written paths by kind (``csv``, ``json``, ``plot``, ``early_warning``).
         """
-        out = Path(out_dir)
+        out = local_path(out_dir, "out_dir")
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / "llc_curve.csv", "json": out / "llc_curve.json"}
         self.to_csv(paths["csv"])

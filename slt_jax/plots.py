@@ -5,13 +5,12 @@ nothing needs closing; each function returns its ``Figure`` and writes a PNG whe
 a ``path``. Log step axes are symmetric-log, linear below 1, when the steps include 0.
 """
 
-import os
-
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from slt_jax.early_warning import EarlyWarning
+from slt_jax.paths import local_path
 
 _LLC_LABEL = r"LLC $\hat\lambda$"
 
@@ -210,5 +209,5 @@ def _trend_label(tau, p):
 
 def _finish(fig, path):
     if path is not None:
-        fig.savefig(os.fspath(path), format="png", dpi=120)
+        fig.savefig(local_path(path), format="png", dpi=120)
     return fig

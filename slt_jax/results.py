@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from slt_jax.paths import local_path
+
 
 def json_safe(value):
     """Plain JSON types: containers recursed, arrays as lists, numpy scalars as Python, non-finite floats as None."""
@@ -29,7 +31,7 @@ def dump_json(record: dict, path=None, indent: int = 2) -> str:
     """``record`` as JSON text; also written (UTF-8) to ``path`` if given. Every result's ``to_json``."""
     text = json.dumps(record, indent=indent)
     if path is not None:
-        with open(path, "w", encoding="utf-8") as file:
+        with open(local_path(path), "w", encoding="utf-8") as file:
             file.write(text)
     return text
 

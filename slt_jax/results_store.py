@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from slt_jax.paths import local_path
+
 _FORMAT = "slt-jax results store"
 _VERSION = 1
 _SETTINGS_FILE = "settings.json"
@@ -144,7 +146,7 @@ class ResultsStore:
         """
         if not isinstance(settings, Mapping):
             raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
-        self.path = Path(path)
+        self.path = local_path(path, "results_path")
         self.settings = _to_json(settings, "settings")
         settings_file = self.path / _SETTINGS_FILE
         if self.path.exists() and not self.path.is_dir():

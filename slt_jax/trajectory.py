@@ -23,7 +23,6 @@ downhill and their λ̂ measures the slide, not the point. Two guards:
 
 import inspect
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +36,7 @@ from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
 from slt_jax.estimators.llc import llc_statistics
 from slt_jax.llc_curve import COLUMNS, LLCCurve
+from slt_jax.paths import checkpoint_path
 from slt_jax.posterior import default_nbeta
 from slt_jax.results_store import ResultsStore
 from slt_jax.samplers import get_kernel
@@ -122,7 +122,7 @@ def _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, sele
     """
     defaults = inspect.signature(estimate_llc).parameters
     settings = {
-        "checkpoint_dir": os.path.abspath(os.fspath(checkpoint_dir)), "item": item,
+        "checkpoint_dir": str(checkpoint_dir), "item": item,
         "select": None if select is None else getattr(select, "__qualname__", repr(select)),
         "key": validation.key_data(key), "n": n, "step_size": step_size, "nbeta": nbeta,
         "localization": localization,
@@ -198,6 +198,7 @@ def llc_trajectory(
     unknown = sorted(set(sampler_settings) - set(_SAMPLER_SETTINGS))
     if unknown:
         raise ValueError(f"unknown sampler settings {unknown}; expected some of {_SAMPLER_SETTINGS}")
+    checkpoint_dir = checkpoint_path(checkpoint_dir)
     n = validation.check_data(data)
     validation.check_positive("step_size", step_size)
     nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
@@ -208,7 +209,7 @@ def llc_trajectory(
     wanted = available if steps is None else sorted({int(s) for s in steps})
     absent = [s for s in wanted if s not in available]
     if absent:
-        raise ValueError(f"steps {absent} are not finished checkpoints in {os.fspath(checkpoint_dir)!r}")
+        raise ValueError(f"steps {absent} are not finished checkpoints in {str(checkpoint_dir)!r}")
     if not wanted:
         raise ValueError("steps is empty")
     settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select,
