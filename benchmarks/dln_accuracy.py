@@ -13,11 +13,11 @@ The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scal
   * data: x ~ U(−10, 10), noise-free outputs y = W_L ⋯ W_1 x (w* is an exact minimum); the
     loss is the Gaussian negative log-likelihood with σ = 1 (the MSE up to a constant);
   * sampler: SGLD, γ = 1, nβ = n / log n, batch 500, the step size calibrated per network
-    (``slt_jax.calibration``: 4 step sizes × 4 chains, compared at equal simulated time),
+    (``slt_jax.tuning.sweep``: 4 step sizes × 4 chains, compared at equal simulated time),
     then ``--chains`` chains with burn-in and draws set by the calibration (at least
     ``--burnin`` and ``--draws``), the burn-in read off the chains' own λ̂ trace and the run
     doubled while λ̂ still trends, up to 8× — or while it still reads the Laplace value of w*
-    (``settings["equilibration"]["laplace"]``), up to 64× (``slt_jax.equilibration``; the
+    (``settings["equilibration"]["laplace"]``), up to 64× (``slt_jax.tuning.equilibration``; the
     row records the steps run, the doublings and whether the run sat on that plateau);
     when the run ends, the largest Hessian eigenvalue at the chains is measured and, where the
     step exceeds the grid's rule 1/(nβh + γ) there, the same chains continue at a halved step
@@ -66,7 +66,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import slt_jax
-from slt_jax.calibration import CalibrationError
+from slt_jax.tuning.sweep import CalibrationError
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher, random_dln
 
@@ -100,7 +100,7 @@ def run_network(key, scale: str, n: int, chains: int, burnin: int, draws: int) -
     truth = dln_learning_coefficient(arch.widths, arch.rank)
     lam = float(truth.lam)
     # The Laplace value at the aligned point: r·(H_0 + H_L − r) stiff directions, each ≈ ½
-    # (slt_jax.laplace; tests/test_laplace.py checks it against the dense Hessian). λ̂ near it,
+    # (slt_jax.estimators.laplace; tests/test_laplace.py checks it against the dense Hessian). λ̂ near it,
     # below λ, is the plateau of chains that have not left the quadratic part.
     laplace = arch.rank * (arch.widths[0] + arch.widths[-1] - arch.rank) / 2
     row = {"scale": scale, "widths": list(arch.widths), "rank": arch.rank,

@@ -50,8 +50,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import slt_jax
-from slt_jax.calibration import CalibrationError, calibrate
-from slt_jax.step_grid import default_step_sizes
+from slt_jax.tuning.sweep import CalibrationError, calibrate
+from slt_jax.tuning.grid import default_step_sizes
 from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 from slt_jax.samplers import KERNELS

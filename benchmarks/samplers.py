@@ -10,7 +10,7 @@ Gaussian negative log-likelihood with σ = 1, nβ = n/log n:
 (At the demo's n = 10000, γ = 1, NUTS itself needs ~130 leapfrog steps per transition and
 reports divergent transitions: the exact gold standard is practical at moderate γ only.)
 
-For each, NUTS (numpyro, full batch; :mod:`slt_jax.nuts`) gives the exact value of the
+For each, NUTS (numpyro, full batch; :mod:`slt_jax.samplers.nuts`) gives the exact value of the
 finite-n, finite-γ estimand; SGLD (Gaussian and Rademacher noise), RMSProp-SGLD and SGNHT run
 at the step sizes a user would pick (small enough for ≈ 1 % discretisation bias) and SGLD once
 more at a step 30× too large.

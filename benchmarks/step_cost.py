@@ -42,10 +42,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from slt_jax import sharding
-from slt_jax.chains import ChainInputs, RunConfig, _advance, chain_keys, init_chains, per_chain, run_chains
-from slt_jax.divergence import Divergence
-from slt_jax.posterior import LocalPosterior, minibatch
+from slt_jax.runner import sharding
+from slt_jax.runner.chains import ChainInputs, RunConfig, _advance, chain_keys, init_chains, per_chain, run_chains
+from slt_jax.runner.divergence import Divergence
+from slt_jax.data.batches import minibatch
+from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers import SGLD, SGLD_RADEMACHER
 from slt_jax.samplers.noise import normal, tree_normal, tree_rademacher
 

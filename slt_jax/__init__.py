@@ -5,10 +5,10 @@ statistics → estimators → results, plots and the ``slt-jax`` command.
 """
 
 from slt_jax import groundtruth, models
-from slt_jax.calibration import Calibration, CalibrationError, CalibrationWarning, calibrate
-from slt_jax.checkpoints import CheckpointTrajectory, list_steps
-from slt_jax.divergence import DivergenceError, DivergenceWarning
-from slt_jax.early_warning import EarlyWarning, early_warning
+from slt_jax.tuning.sweep import Calibration, CalibrationError, CalibrationWarning, calibrate
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
+from slt_jax.runner.divergence import DivergenceError, DivergenceWarning
+from slt_jax.curves.early_warning import EarlyWarning, early_warning
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import (
     ChainDiagnostics,
@@ -27,16 +27,16 @@ from slt_jax.estimators.free_energy import (
     wbic,
 )
 from slt_jax.groundtruth import dln_learning_coefficient
-from slt_jax.laplace import LaplaceLLC, laplace_llc
+from slt_jax.estimators.laplace import LaplaceLLC, laplace_llc
 from slt_jax.plots import plot_early_warning, plot_llc_curve, plot_llc_vs_step_size
 from slt_jax.results import LLCResult
-from slt_jax.results_store import ResultsStore
+from slt_jax.trajectory.store import ResultsStore
 from slt_jax.samplers import KernelFactory, SamplingAlgorithm
-from slt_jax.sharding import make_mesh
-from slt_jax.stages import Stages, detect_stages
+from slt_jax.runner.sharding import make_mesh
+from slt_jax.curves.stages import Stages, detect_stages
 from slt_jax.temperature import FreeEnergyResult, estimate_free_energy
-from slt_jax.llc_curve import LLCCurve
-from slt_jax.trajectory import escaped_chains, llc_trajectory
+from slt_jax.trajectory.curve import LLCCurve
+from slt_jax.trajectory.llc_trajectory import escaped_chains, llc_trajectory
 
 __all__ = [
     "Calibration",

@@ -39,7 +39,7 @@ def _selector(path: str):
 def _trajectory(args) -> int:
     import jax
 
-    from slt_jax.trajectory import llc_trajectory
+    from slt_jax.trajectory.llc_trajectory import llc_trajectory
 
     model = _load(args.model, "--model")()
     parts = model if isinstance(model, tuple) else (model,)

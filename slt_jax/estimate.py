@@ -12,19 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slt_jax import divergence as divergence_lib
-from slt_jax import masks, nuts
-from slt_jax import sharding, validation
-from slt_jax.calibration import CALIBRATION_STREAM, Calibration, CalibrationWarning, calibrate
-from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
-from slt_jax.equilibration import equilibration_warning, plateau_check
+from slt_jax.runner import divergence as divergence_lib
+from slt_jax import masks
+from slt_jax.samplers import nuts
+from slt_jax import validation
+from slt_jax.runner import sharding
+from slt_jax.tuning.sweep import CALIBRATION_STREAM, Calibration, CalibrationWarning, calibrate
+from slt_jax.runner.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
+from slt_jax.tuning.equilibration import equilibration_warning, plateau_check
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
-from slt_jax.mala import mala_acceptance
-from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
+from slt_jax.samplers.mala import mala_acceptance
+from slt_jax.data.batches import full_batch_loss
+from slt_jax.posterior import LocalPosterior, default_nbeta
 from slt_jax.results import LLCResult
 from slt_jax.samplers import get_kernel
-from slt_jax.step_check import run_with_step_checks
+from slt_jax.tuning.stiffness import run_with_step_checks
 
 DEFAULT_BATCH_SIZE = 256
 # With a calibrated step size, the longest run as a multiple of the calibrated schedule.
@@ -127,19 +130,19 @@ def estimate_llc(
         which the sweep validated the step size, and ``settings["calibration"]`` records the
         sweep, the choice and why. With a calibrated step size the chains record from
         their first step, the burn-in is read off their own λ̂ trace (the later of the
-        calibrated one and the time λ̂ stopped trending, :mod:`slt_jax.equilibration`), and
+        calibrated one and the time λ̂ stopped trending, :mod:`slt_jax.tuning.equilibration`), and
         while λ̂ still trends the run doubles, up to ``max_extension`` times the schedule;
         ``settings["equilibration"]`` records the outcome, and a run still trending at the
         cap warns (:class:`~slt_jax.calibration.CalibrationWarning`) and keeps its last quarter.
         A flat trace can still be a metastable plateau: the run is also compared with the
         Laplace value of w* (:func:`slt_jax.laplace_llc`), and while it reads that value at a
         point whose Hessian leaves directions unconfined it keeps doubling, up to
-        ``max_plateau_extension`` (:mod:`slt_jax.equilibration`). Chains that leave w* can
+        ``max_plateau_extension`` (:mod:`slt_jax.tuning.equilibration`). Chains that leave w* can
         reach stiffer ground than the grid was placed for: when the run ends, the largest
         Hessian eigenvalue h at the chains' positions is measured, and where the step exceeds
         the grid's rule ``1/(nβh + γ)`` the same chains continue at the step halved as often
         as that takes (at most 4 continuations; SGLD kernels), their burn-in and draws counted
-        afresh (:mod:`slt_jax.step_check`; ``settings["equilibration"]["stiffness"]`` lists each
+        afresh (:mod:`slt_jax.tuning.stiffness`; ``settings["equilibration"]["stiffness"]`` lists each
         check).
       localization: γ ≥ 0, the pull towards w*.
       nbeta: nβ; default ``n / log n`` (β* = 1/log n).
@@ -183,7 +186,7 @@ def estimate_llc(
         measures another loss than the Hessian's).
       mesh: a ``jax.sharding.Mesh`` with a ``"chains"`` axis (chains split over it) and
         optionally a ``"data"`` axis (dataset rows split over it; ``n`` and ``batch_size``
-        must divide over it); see :mod:`slt_jax.sharding`. Exclusive with ``devices``.
+        must divide over it); see :mod:`slt_jax.runner.sharding`. Exclusive with ``devices``.
       devices: a device count or a list of devices to split the chains over; default the
         first device. The same key gives the same chains on any number of devices.
       dtype: ``jnp.float32`` (default) or ``jnp.float64`` (needs ``jax_enable_x64``): the

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from slt_jax.early_warning import EarlyWarning
+from slt_jax.curves.early_warning import EarlyWarning
 from slt_jax.paths import local_path
 
 _LLC_LABEL = r"LLC $\hat\lambda$"
@@ -76,7 +76,7 @@ def plot_early_warning(
     """The series with its trend, and its rolling variance and lag-1 autocorrelation.
 
     Each indicator is drawn at the last step of its window, with its Kendall τ and
-    surrogate p-value (``slt_jax.early_warning``) in the legend; the first window is
+    surrogate p-value (``slt_jax.curves.early_warning``) in the legend; the first window is
     shaded.
 
     Args:

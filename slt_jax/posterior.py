@@ -1,8 +1,10 @@
 """The localized tempered posterior p(w | w*, β, γ) ∝ exp(−nβ·L_n(w) − γ/2·‖w − w*‖²).
 
-Lau et al., arXiv:2308.12108 (REFERENCE.md §1). This module holds what the sampler needs to
-know about the posterior — its centre, temperature and localization — and the two data
-operations every estimate rests on: minibatches drawn on device, and the exact full-data loss.
+Lau et al., arXiv:2308.12108 (docs/mathematics.md §1). The posterior owns its maths: the
+gradient of its potential ``U(w) = nβ·L(w) + γ/2·‖w − w*‖²`` (what every kernel's drift is
+made of), the potential itself relative to w* (for Metropolis checks and NUTS), and which
+coordinates are sampled (the mask of a weight-refined LLC). Kernels call these and keep only
+their update rule, as blackjax's ``sgmcmc`` splits gradient estimators from integrators.
 """
 
 import math
@@ -29,95 +31,40 @@ class LocalPosterior(NamedTuple):
     localization: jax.Array
     mask: PyTree = None
 
+    def force(self, position, loss_grad):
+        """``∇U(w) = nβ·∇L(w) + γ·(w − w*)`` given the loss gradient ``∇L`` at ``position``.
+
+        Not masked: kernels mask their increments (:meth:`masked`), since some (RMSProp-SGLD)
+        scale the force per coordinate first.
+        """
+        return jax.tree.map(lambda w, w0, g: self.nbeta * g + self.localization * (w - w0),
+                            position, self.center, loss_grad)
+
+    def potential(self, loss, center_loss, position):
+        """``U(w) − U(w*) = nβ·(L(w) − L(w*)) + γ/2·‖w − w*‖²`` (relative to w*, which keeps
+        float32 energies small)."""
+        return self.nbeta * (loss - center_loss) + 0.5 * self.localization * self.sq_distance(position)
+
+    def masked(self, tree):
+        """``tree`` with the frozen coordinates zeroed (itself when everything is sampled)."""
+        if self.mask is None:
+            return tree
+        return jax.tree.map(jnp.multiply, tree, self.mask)
+
+    def sampled(self):
+        """The 0/1 pytree of sampled coordinates (ones when there is no mask)."""
+        return jax.tree.map(jnp.ones_like, self.center) if self.mask is None else self.mask
+
+    def num_sampled(self):
+        """How many coordinates are sampled (a traced count when the mask is traced)."""
+        return sum(jnp.sum(m != 0) for m in jax.tree.leaves(self.sampled()))
+
+    def sq_distance(self, position):
+        """``‖w − w*‖²`` over every coordinate."""
+        sq = jax.tree.map(lambda w, c: jnp.sum(jnp.square(w - c)), position, self.center)
+        return sum(jax.tree.leaves(sq))
+
 
 def default_nbeta(n: int) -> float:
-    """nβ = n / log n, i.e. β* = 1/log n (Watanabe's WBIC temperature, arXiv:1208.6338)."""
-    return n / math.log(n)
-
-
-def num_samples(data) -> int:
-    """The common leading-axis length n of a data pytree."""
-    return jax.tree.leaves(data)[0].shape[0]
-
-
-# Up to this many rows, one random word per index is uniform enough (see ``row_indices``).
-ONE_WORD_ROWS = 2**20
-
-
-def row_indices(key, batch_size: int, n: int) -> jax.Array:
-    """``batch_size`` row indices in ``[0, n)``, uniform with replacement.
-
-    Up to ``ONE_WORD_ROWS`` rows, one 32-bit word u per index, mapped by Lemire's multiply-high
-    ⌊u·n / 2³²⌋ (arXiv:1805.10941, without its rejection step): each row receives ⌊2³²/n⌋ or
-    ⌈2³²/n⌉ of the 2³² words, so row probabilities differ by less than n/2³² relative
-    (2.4e-4 at 2²⁰ rows). ``jax.random.randint`` draws two words and takes three integer
-    remainders, ~3× the cost of the word itself; on a 23-parameter DLN on CPU (16 chains,
-    batch 100) dropping it cut an SGLD step by ~15 %. Larger datasets use it (unevenness n/2⁶⁴).
-    """
-    if n > ONE_WORD_ROWS:
-        return jax.random.randint(key, (batch_size,), 0, n)
-    return _multiply_high(jax.random.bits(key, (batch_size,), jnp.uint32), n)
-
-
-def _multiply_high(u, n: int):
-    """⌊u·n / 2³²⌋ as int32, for uint32 ``u`` and ``n`` < 2³¹, in 16-bit halves (no 64-bit integers)."""
-    n_lo, n_hi = jnp.uint32(n & 0xFFFF), jnp.uint32(n >> 16)
-    u_lo, u_hi = u & 0xFFFF, u >> 16
-    lo_lo, hi_lo, lo_hi = u_lo * n_lo, u_hi * n_lo, u_lo * n_hi
-    carry = ((lo_lo >> 16) + (hi_lo & 0xFFFF) + (lo_hi & 0xFFFF)) >> 16
-    return (u_hi * n_hi + (hi_lo >> 16) + (lo_hi >> 16) + carry).astype(jnp.int32)
-
-
-def minibatch(key, data, batch_size: int):
-    """Draw ``batch_size`` rows uniformly with replacement, on device (``row_indices``).
-
-    Sampling with replacement keeps every minibatch loss an unbiased estimate of L_n and costs
-    O(batch) per step, where a permutation would cost O(n). The indices lie in range by
-    construction, so the gather clips instead of filling out-of-range rows: the same rows,
-    without the bounds masking (about 15 % of an SGLD step on a small DLN on CPU).
-    """
-    idx = row_indices(key, batch_size, num_samples(data))
-    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0, mode="clip"), data)
-
-
-def accumulation_dtype():
-    """float32, or float64 when JAX runs with x64 enabled: losses are summed at this precision."""
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
-
-
-class FullBatchLoss(NamedTuple):
-    """The exact mean loss over a dataset, and the spread of its batch means.
-
-    Attributes:
-      mean: L_n(w) = (1/n)·Σ_i ℓ_i(w), exact (every row counted once).
-      batch_std: standard deviation of the loss of one batch of the given size around the
-        mean (0 when the dataset is a single batch) — the scale of minibatch noise.
-    """
-
-    mean: jax.Array
-    batch_std: jax.Array
-
-
-def full_batch_loss(loss_fn, params, data, batch_size: int) -> FullBatchLoss:
-    """Evaluate L_n(params) exactly on the whole dataset, ``batch_size`` rows at a time.
-
-    ``loss_fn`` returns the mean loss over its batch, so the full mean is the row-weighted mean
-    of the batch means; a final partial batch is evaluated on its own.
-    """
-    n = num_samples(data)
-    num_full, rest = divmod(n, batch_size)
-    acc = accumulation_dtype()
-    total = jnp.zeros((), acc)
-    batch_std = jnp.zeros((), acc)
-    if num_full:
-        blocks = jax.tree.map(
-            lambda x: x[: num_full * batch_size].reshape(num_full, batch_size, *x.shape[1:]), data
-        )
-        losses = jax.lax.map(lambda b: loss_fn(params, b), blocks).astype(acc)
-        total = total + batch_size * jnp.sum(losses)
-        if num_full > 1:
-            batch_std = jnp.std(losses, ddof=1)
-    if rest:
-        tail = jax.tree.map(lambda x: x[num_full * batch_size :], data)
-        total = total + rest * loss_fn(params, tail).astype(acc)
-    return FullBatchLoss(total / n, batch_std)
+    """nβ = n / log n, i.e. β* = 1/log n (Watanabe's WBIC temperature, arXiv:1208.6338); 1 for n ≤ 1."""
+    return n / math.log(n) if n > 1 else 1.0

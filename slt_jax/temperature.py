@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from slt_jax import divergence as divergence_lib
+from slt_jax.runner import divergence as divergence_lib
 from slt_jax import masks, validation
-from slt_jax.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
+from slt_jax.runner.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
 from slt_jax.estimators import free_energy as fe
 from slt_jax.estimators.diagnostics import chain_diagnostics
-from slt_jax.posterior import LocalPosterior, full_batch_loss
+from slt_jax.data.batches import full_batch_loss
+from slt_jax.posterior import LocalPosterior
 from slt_jax.results import dump_json, json_safe
 from slt_jax.samplers import get_kernel
 

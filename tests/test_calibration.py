@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import slt_jax
-import slt_jax.step_check
-from slt_jax.calibration import CalibrationError, calibrate
-from slt_jax.step_choice import choose_step_size
-from slt_jax.step_grid import GRID_FACTOR, GRID_POINTS, chain_stiffness, default_step_sizes, stable_step
+import slt_jax.tuning.stiffness
+from slt_jax.tuning.sweep import CalibrationError, calibrate
+from slt_jax.tuning.choice import choose_step_size
+from slt_jax.tuning.grid import GRID_FACTOR, GRID_POINTS, chain_stiffness, default_step_sizes, stable_step
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
@@ -255,7 +255,7 @@ def test_a_step_too_stiff_where_the_chains_went_is_halved_and_the_estimate_follo
 def test_a_step_still_too_stiff_at_the_reduction_cap_warns_and_is_kept(monkeypatch):
     # With no reductions allowed, the same too-large step (2/a_max, above the rule at every
     # position of the Gaussian model) is kept and the estimate warns that λ̂ may read high.
-    monkeypatch.setattr(slt_jax.step_check, "MAX_STEP_REDUCTIONS", 0)
+    monkeypatch.setattr(slt_jax.tuning.stiffness, "MAX_STEP_REDUCTIONS", 0)
     eps = 2.0 / PRECISION.max()
     cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), localization=GAMMA,
                     nbeta=NBETA, step_sizes=[eps], batch_size=1, num_steps=3000, num_chains=8, mala=False,

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from slt_jax.checkpoints import CheckpointTrajectory, list_steps
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
 
 STEPS = (0, 10, 300)
 

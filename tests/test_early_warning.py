@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from slt_jax.early_warning import early_warning
+from slt_jax.curves.early_warning import early_warning
 
 NUM_SURROGATES = 200  # p-value resolution 1/201, ample for a 0.05 level
 

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slt_jax.chains import ChainInputs, RunConfig, run_chains
-from slt_jax.divergence import Divergence
-from slt_jax.equilibration import equilibration_time, laplace_plateau, run_until_equilibrated
+from slt_jax.runner.chains import ChainInputs, RunConfig, run_chains
+from slt_jax.runner.divergence import Divergence
+from slt_jax.tuning.equilibration import equilibration_time, laplace_plateau, run_until_equilibrated
 from slt_jax.estimators.llc import llc_draws
 from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers import SGLD
@@ -221,7 +221,7 @@ def test_auto_estimates_record_the_laplace_value_unless_asked_not_to():
 def test_the_warning_names_what_did_not_settle_and_the_option_to_raise():
     from types import SimpleNamespace
 
-    from slt_jax.equilibration import Equilibrated, equilibration_warning
+    from slt_jax.tuning.equilibration import Equilibrated, equilibration_warning
 
     def run(diverged_at=(-1, -1), **flags):
         fields = dict(equilibrated=False, plateau=False, still_at_plateau=False, trending=False) | flags

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import slt_jax
-from slt_jax.chains import plan_chunks
+from slt_jax.runner.chains import plan_chunks
 from slt_jax.models.adapters import gaussian_nll
 
 

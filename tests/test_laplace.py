@@ -1,5 +1,5 @@
 """The Laplace value: exact on a quadratic loss, rank(Hess)/2 at a singular DLN point — where the
-true λ is larger (REFERENCE.md §3; the plateau this value explains is in slt_jax.laplace)."""
+true λ is larger (REFERENCE.md §3; the plateau this value explains is in slt_jax.estimators.laplace)."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from slt_jax.groundtruth import dln_learning_coefficient, regular_llc
-from slt_jax.laplace import laplace_llc
+from slt_jax.estimators.laplace import laplace_llc
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
 H = np.array([0.5, 1.0, 2.0, 4.0])

@@ -17,7 +17,7 @@ import pytest
 
 import slt_jax
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
-from slt_jax.nuts import _embedding
+from slt_jax.samplers.nuts import _embedding
 
 GAMMA = 50.0
 SG_RUN = dict(localization=GAMMA, batch_size=100, num_chains=16, num_burnin=1500, num_draws=3000,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from slt_jax.early_warning import early_warning
+from slt_jax.curves.early_warning import early_warning
 from slt_jax.plots import plot_early_warning, plot_llc_curve, plot_llc_vs_step_size
-from slt_jax.stages import detect_stages
+from slt_jax.curves.stages import detect_stages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

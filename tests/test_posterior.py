@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slt_jax.posterior import ONE_WORD_ROWS, _multiply_high, minibatch, row_indices
+from slt_jax.data.batches import ONE_WORD_ROWS, _multiply_high, minibatch, row_indices
 
 
 @pytest.mark.parametrize("n", [1, 7, 10_000, 65_537, ONE_WORD_ROWS, 2**31 - 1])

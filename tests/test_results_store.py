@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slt_jax.results_store import ResultsStore
+from slt_jax.trajectory.store import ResultsStore
 
 SETTINGS = {
     "nbeta": np.float64(250.0),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import slt_jax
-from slt_jax.mala import mala_acceptance
+from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers import KERNELS, get_kernel, rmsprop_sgld, rmsprop_sgld_kernel, sgld, sgld_kernel, sgnht_kernel
 from slt_jax.samplers.noise import tree_rademacher

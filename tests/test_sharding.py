@@ -1,4 +1,4 @@
-"""Chains and data sharded over devices (slt_jax.sharding), and the per-step noise.
+"""Chains and data sharded over devices (slt_jax.runner.sharding), and the per-step noise.
 
 The multi-device checks run once, in a subprocess with 8 simulated CPU devices (this file run
 as a script), so the rest of the suite keeps its single device: the same key gives the same
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slt_jax import sharding
+from slt_jax.runner import sharding
 from slt_jax.samplers.noise import normal, tree_normal
 
 NUM_DRAWS, NUM_BURNIN = 200, 100
@@ -48,8 +48,8 @@ def _worker(out_path):
     jax.config.update("jax_numpy_rank_promotion", "raise")
     import slt_jax
     from jax.sharding import PartitionSpec as P
-    from slt_jax.chains import ChainInputs, RunConfig, run_chains
-    from slt_jax.divergence import Divergence
+    from slt_jax.runner.chains import ChainInputs, RunConfig, run_chains
+    from slt_jax.runner.divergence import Divergence
     from slt_jax.posterior import LocalPosterior
     from slt_jax.samplers import SGLD
 

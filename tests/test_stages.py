@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from slt_jax.stages import detect_stages
+from slt_jax.curves.stages import detect_stages
 
 STEPS = np.unique(np.round(np.logspace(1.5, 5.0, 200)))
 X = np.log10(STEPS + 1.0)

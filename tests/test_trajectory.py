@@ -18,8 +18,8 @@ import pytest
 
 from slt_jax.demos.dln_trajectory import teacher
 from slt_jax.models.dln import dln_data, dln_loss
-from slt_jax.llc_curve import COLUMNS, LLCCurve
-from slt_jax.trajectory import escaped_chains, llc_trajectory
+from slt_jax.trajectory.curve import COLUMNS, LLCCurve
+from slt_jax.trajectory.llc_trajectory import escaped_chains, llc_trajectory
 
 SAMPLER = dict(step_size=5e-7, num_chains=8, num_burnin=100, num_draws=200, batch_size=100,
                chunk_size=100, progress=False)

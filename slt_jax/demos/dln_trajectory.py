@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss
-from slt_jax.trajectory import llc_trajectory
+from slt_jax.trajectory.llc_trajectory import llc_trajectory
 
 WIDTHS = (5, 2, 2, 5)
 SINGULAR_VALUES = (18.0, 3.0)

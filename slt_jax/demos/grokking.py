@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from slt_jax.demos.dln_trajectory import checkpoint_steps
 from slt_jax.models.adapters import cross_entropy
-from slt_jax.trajectory import llc_trajectory
+from slt_jax.trajectory.llc_trajectory import llc_trajectory
 
 MODULUS = 31
 TRAIN_FRACTION = 0.5

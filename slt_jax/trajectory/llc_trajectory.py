@@ -31,14 +31,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from slt_jax import validation
-from slt_jax.checkpoints import CheckpointTrajectory, infer_template, list_steps
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
 from slt_jax.estimators.llc import llc_statistics
-from slt_jax.llc_curve import COLUMNS, LLCCurve
+from slt_jax.trajectory.curve import COLUMNS, LLCCurve
 from slt_jax.paths import checkpoint_path
 from slt_jax.posterior import default_nbeta
-from slt_jax.results_store import ResultsStore
+from slt_jax.trajectory.store import ResultsStore
 from slt_jax.samplers import get_kernel
 
 DEFAULT_LOCALIZATION_PER_NBETA = 0.1

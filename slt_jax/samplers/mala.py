@@ -17,15 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from slt_jax.posterior import LocalPosterior, full_batch_loss
-
-
-def exact_loss(loss_fn, data, batch_size: int):
-    """``w ↦ L_n(w)`` exactly: one call when the data fit in one chunk (a simpler program to
-    compile), else :func:`~slt_jax.posterior.full_batch_loss` over chunks of ``batch_size``."""
-    if jax.tree.leaves(data)[0].shape[0] <= batch_size:
-        return lambda w: loss_fn(w, data)
-    return lambda w: full_batch_loss(loss_fn, w, data, batch_size).mean
+from slt_jax.data.batches import exact_loss
+from slt_jax.posterior import LocalPosterior
 
 
 @partial(jax.jit, static_argnames=("loss_fn", "batch_size"))

@@ -5,13 +5,7 @@ from typing import NamedTuple
 
 import jax
 
-
-class DivergenceWarning(UserWarning):
-    """Some chains diverged and were excluded from the estimate."""
-
-
-class DivergenceError(RuntimeError):
-    """Chains diverged and the caller asked for an error (``on_divergence="raise"``)."""
+from slt_jax.errors import DivergenceError, DivergenceWarning
 
 
 class Divergence(NamedTuple):

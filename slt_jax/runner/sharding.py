@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slt_jax import posterior
+from slt_jax.data import batches
 
 CHAINS = "chains"
 DATA = "data"
@@ -125,9 +125,9 @@ def minibatch(key, data, batch_size: int, mesh: Mesh):
     """
     shards = axis_size(mesh, DATA)
     if shards == 1:
-        return posterior.minibatch(key, data, batch_size)
+        return batches.minibatch(key, data, batch_size)
     key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
-    return posterior.minibatch(key, data, batch_size // shards)
+    return batches.minibatch(key, data, batch_size // shards)
 
 
 def global_mean(value, mesh: Mesh):

@@ -2,7 +2,7 @@
 
 What :func:`slt_jax.llc_trajectory` returns: one row per checkpoint step (the keys in
 ``COLUMNS``), the settings that produced them, and the ways to read them — stage detection
-(:mod:`slt_jax.stages`), the early-warning statistics (:mod:`slt_jax.early_warning`), plots,
+(:mod:`slt_jax.curves.stages`), the early-warning statistics (:mod:`slt_jax.curves.early_warning`), plots,
 CSV and JSON.
 """
 
@@ -12,10 +12,10 @@ import dataclasses
 import numpy as np
 
 from slt_jax.paths import local_path
-from slt_jax.early_warning import EarlyWarning, early_warning
+from slt_jax.curves.early_warning import EarlyWarning, early_warning
 from slt_jax.plots import plot_early_warning, plot_llc_curve
 from slt_jax.results import dump_json, json_safe
-from slt_jax.stages import Stages, detect_stages
+from slt_jax.curves.stages import Stages, detect_stages
 
 COLUMNS = (
     "step", "llc_mean", "llc_std", "llc_se", "init_loss", "free_energy_approx", "nbeta",

@@ -6,13 +6,13 @@ widths 25-15-21-8-35-14 (rank 1, λ = 60, γ = 1, nβ = n/log n at n = 1e5) plai
 near 57 only after ~0.02 (``benchmarks/dln_accuracy.py``). Singular directions are flat to
 high order, and the chains must diffuse far along them before the loss feels it (REFERENCE.md
 §3: chains at highly singular points need longer burn-in); the plateau is the Laplace value
-of the quadratic part alone (:mod:`slt_jax.laplace`). A fixed budget reads the
+of the quadratic part alone (:mod:`slt_jax.estimators.laplace`). A fixed budget reads the
 transient; :func:`run_until_equilibrated` records the whole run, and doubles it — up to a cap
 — until :func:`equilibration_time` finds a burn-in after which λ̂ no longer trends.
 
 No test of a finite trace can tell a long metastable plateau from equilibrium: a trace flat
 so far may still climb later. One plateau has a known level, though: chains that have only
-seen the quadratic part of L_n read its Laplace value (:mod:`slt_jax.laplace`). An 8-layer DLN
+seen the quadratic part of L_n read its Laplace value (:mod:`slt_jax.estimators.laplace`). An 8-layer DLN
 (61-86-49-29-30-14-68-62, rank 2, λ = 268) held λ̂ at 123–126 against a Laplace value of 121
 for the first ~18k steps at its calibrated ε = 1.7e-7 — flat enough to pass the trend test
 after 1750 — and reached 270–273 only at 54–60k. So a run may also be given a ``plateau`` test: while λ̂ still
@@ -27,8 +27,8 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from slt_jax.chains import ChainInputs, Draws, RunConfig, plan_chunks, run_chains
-from slt_jax.laplace import laplace_llc
+from slt_jax.runner.chains import ChainInputs, Draws, RunConfig, plan_chunks, run_chains
+from slt_jax.estimators.laplace import laplace_llc
 
 # Candidate burn-ins, as fractions of the run: up to three quarters, so that the last quarter
 # of a run that settled late can serve as its draws.

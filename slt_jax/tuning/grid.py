@@ -16,7 +16,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from slt_jax import masks, validation
-from slt_jax.posterior import minibatch
+from slt_jax.data.batches import minibatch
 
 # Default grid: GRID_POINTS step sizes GRID_FACTOR apart below the stiffness scale 1/(nβ·h + γ).
 GRID_POINTS = 4

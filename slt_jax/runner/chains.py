@@ -16,9 +16,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from slt_jax import sharding
-from slt_jax.divergence import Divergence
-from slt_jax.posterior import LocalPosterior, full_batch_loss
+from slt_jax.runner import sharding
+from slt_jax.runner.divergence import Divergence
+from slt_jax.data.batches import full_batch_loss
+from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers.base import KernelFactory
 
 PyTree = Any
@@ -36,7 +37,7 @@ class RunConfig(NamedTuple):
       loss_estimator: what each draw records as its loss (see ``estimate_llc``).
       eval_batch_size: rows per measurement batch (eval minibatch, or full-batch chunk).
       mesh: the device mesh the chains (and data) are sharded over (see
-        :mod:`slt_jax.sharding`); ``None`` for the first device.
+        :mod:`slt_jax.runner.sharding`); ``None`` for the first device.
     """
 
     loss_fn: Callable

@@ -19,12 +19,12 @@ divergence — a longer stability test at no extra cost. Each (nβ, γ) setting 
 
 Checks per group (its status):
 
-- ``"diverged"``: a chain's loss became NaN/inf or ran away (:mod:`slt_jax.divergence`)
+- ``"diverged"``: a chain's loss became NaN/inf or ran away (:mod:`slt_jax.runner.divergence`)
   at any step of the program.
 - ``"unstable"``: λ̂ is negative by more than 3 standard errors (w* is not a minimum, or
   the sampler is broken); the Metropolis acceptance of its Langevin proposals on the
   full-batch posterior is below 0.7 (plain SGLD on small data, where the check is cheap:
-  :mod:`slt_jax.mala`); or its λ̂ draws trend within the window by more than the
+  :mod:`slt_jax.samplers.mala`); or its λ̂ draws trend within the window by more than the
   reference's (drifting away). A trend *shared* with the reference is slow equilibration,
   the same for every step size at equal simulated time; it does not disqualify.
 - ``"biased"``: stable, but λ̂ differs from the smaller accepted step sizes.
@@ -47,7 +47,7 @@ clock). An estimate at the chosen ε* burns in for that long (at least T_b) and 
 ``T − T_b`` (:meth:`Calibration.schedule`). If λ̂ still trends at the end of that longest
 run, the choice says so and :meth:`Calibration.recommended` warns: raise ``num_steps``.
 ``estimate_llc(step_size="auto")`` does not stop there: its own chains record from the first
-step and their run doubles while λ̂ trends (:mod:`slt_jax.equilibration`), since at deep,
+step and their run doubles while λ̂ trends (:mod:`slt_jax.tuning.equilibration`), since at deep,
 highly singular points λ̂ can sit on a plateau for a while and then climb.
 """
 
@@ -60,19 +60,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slt_jax import divergence as divergence_lib
-from slt_jax import masks, sharding, validation
-from slt_jax.chains import ChainInputs, RunConfig, run_chains
-from slt_jax.equilibration import equilibration_time
+from slt_jax.runner import divergence as divergence_lib
+from slt_jax import masks, validation
+from slt_jax.runner import sharding
+from slt_jax.runner.chains import ChainInputs, RunConfig, run_chains
+from slt_jax.tuning.equilibration import equilibration_time
+from slt_jax.errors import CalibrationError, CalibrationWarning
 from slt_jax.estimators.diagnostics import mcse_mean
-from slt_jax.mala import mala_acceptance
+from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.paths import local_path
 from slt_jax.plots import plot_llc_vs_step_size
-from slt_jax.posterior import LocalPosterior, default_nbeta, full_batch_loss
+from slt_jax.data.batches import full_batch_loss
+from slt_jax.posterior import LocalPosterior, default_nbeta
 from slt_jax.results import dump_json, json_safe
 from slt_jax.samplers import get_kernel
-from slt_jax.step_choice import choose_step_size
-from slt_jax.step_grid import default_step_sizes
+from slt_jax.tuning.choice import choose_step_size
+from slt_jax.tuning.grid import default_step_sizes
 
 DEFAULT_BATCH_SIZE = 256
 # Draws the largest step size gets in its window, at least (sets the draw spacing).
@@ -84,15 +87,6 @@ MALA_BUDGET = 5e7
 CALIBRATION_STREAM = 2**31 - 1
 
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
-
-
-class CalibrationError(RuntimeError):
-    """No step size in the sweep passed calibration."""
-
-
-class CalibrationWarning(UserWarning):
-    """λ̂ at the chosen step size had not stopped trending by the end of the sweep (or, from
-    ``estimate_llc``, by the end of its longest extended run)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,11 +17,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro.infer import MCMC, NUTS
 
-from slt_jax import divergence as divergence_lib
+from slt_jax.runner import divergence as divergence_lib
 from slt_jax import masks, validation
 from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.estimators.llc import llc_draws, llc_statistics
-from slt_jax.mala import exact_loss
+from slt_jax.data.batches import exact_loss
 from slt_jax.posterior import default_nbeta
 from slt_jax.results import LLCResult
 

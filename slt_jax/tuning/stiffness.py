@@ -1,6 +1,6 @@
 """Does the step still fit where the chains went? A calibrated run, continued at smaller steps.
 
-The calibration grid (:mod:`slt_jax.step_grid`) is placed with the Hessian scale h near w*,
+The calibration grid (:mod:`slt_jax.tuning.grid`) is placed with the Hessian scale h near w*,
 and the sweep compares step sizes early, where deep singular points still hold every chain on
 the Laplace plateau — so they agree for the wrong reason. Chains that then leave w* along its
 flat directions can reach much stiffer ground: on the 8-layer DLN 61-86-49-29-30-14-68-62 of
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slt_jax.calibration import CalibrationWarning
-from slt_jax.chains import ChainInputs, RunConfig
-from slt_jax.equilibration import Equilibrated, run_until_equilibrated
-from slt_jax.step_grid import chain_stiffness, stable_step
+from slt_jax.errors import CalibrationWarning
+from slt_jax.runner.chains import ChainInputs, RunConfig
+from slt_jax.tuning.equilibration import Equilibrated, run_until_equilibrated
+from slt_jax.tuning.grid import chain_stiffness, stable_step
 
 STIFFNESS_STREAM = 2**31 - 16  # fold_in(key, · + k) for the k-th stiffness check at the chains
 # The check applies to the kernels whose step size is ε itself (no preconditioner); a run is

@@ -1,0 +1,1 @@
+"""Reading curves over training: stage boundaries and early-warning indicators."""

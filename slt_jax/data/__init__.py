@@ -1,0 +1,1 @@
+"""Data on device: minibatches, the exact full-data loss, and token datasets."""

@@ -1,0 +1,1 @@
+"""Training trajectories: Orbax checkpoints in, per-checkpoint results (resumable) and curves out."""
