@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import slt_jax
-from slt_jax.results import json_safe
+from slt_jax.serialization import json_safe
 
 WIDTHS = (10, 10, 10, 10)
 RANK = 5

@@ -2,84 +2,88 @@
 
 Data flows one way: model adapter → local posterior → sampler kernel → chain runner →
 statistics → estimators → results, plots and the ``slt-jax`` command.
+
+Public names are imported on first use (PEP 562), so ``import slt_jax`` loads neither
+matplotlib, Orbax nor numpyro; each arrives with the first function that needs it.
 """
 
-from slt_jax import groundtruth, models
-from slt_jax.tuning.sweep import Calibration, CalibrationError, CalibrationWarning, calibrate
-from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
-from slt_jax.runner.divergence import DivergenceError, DivergenceWarning
-from slt_jax.curves.early_warning import EarlyWarning, early_warning
-from slt_jax.estimate import estimate_llc
-from slt_jax.estimators.diagnostics import (
-    ChainDiagnostics,
-    chain_diagnostics,
-    effective_sample_size,
-    ess_per_chain,
-    mcse_mean,
-    split_rhat,
-)
-from slt_jax.estimators.free_energy import (
-    beta_ladder,
-    llc_from_slope,
-    llc_from_two_temperatures,
-    llc_from_variance,
-    thermodynamic_integration,
-    wbic,
-)
-from slt_jax.groundtruth import dln_learning_coefficient
-from slt_jax.estimators.laplace import LaplaceLLC, laplace_llc
-from slt_jax.plots import plot_early_warning, plot_llc_curve, plot_llc_vs_step_size
-from slt_jax.results import LLCResult
-from slt_jax.trajectory.store import ResultsStore
-from slt_jax.samplers import KernelFactory, SamplingAlgorithm
-from slt_jax.runner.sharding import make_mesh
-from slt_jax.curves.stages import Stages, detect_stages
-from slt_jax.temperature import FreeEnergyResult, estimate_free_energy
-from slt_jax.trajectory.curve import LLCCurve
-from slt_jax.trajectory.llc_trajectory import escaped_chains, llc_trajectory
+import importlib
+import importlib.metadata
 
-__all__ = [
-    "Calibration",
-    "CalibrationError",
-    "CalibrationWarning",
-    "ChainDiagnostics",
-    "CheckpointTrajectory",
-    "DivergenceError",
-    "DivergenceWarning",
-    "EarlyWarning",
-    "FreeEnergyResult",
-    "KernelFactory",
-    "LLCCurve",
-    "LaplaceLLC",
-    "LLCResult",
-    "ResultsStore",
-    "SamplingAlgorithm",
-    "Stages",
-    "beta_ladder",
-    "calibrate",
-    "chain_diagnostics",
-    "detect_stages",
-    "dln_learning_coefficient",
-    "early_warning",
-    "effective_sample_size",
-    "escaped_chains",
-    "ess_per_chain",
-    "estimate_free_energy",
-    "estimate_llc",
-    "groundtruth",
-    "laplace_llc",
-    "list_steps",
-    "llc_from_slope",
-    "llc_from_two_temperatures",
-    "llc_from_variance",
-    "llc_trajectory",
-    "make_mesh",
-    "mcse_mean",
-    "models",
-    "plot_early_warning",
-    "plot_llc_curve",
-    "plot_llc_vs_step_size",
-    "split_rhat",
-    "thermodynamic_integration",
-    "wbic",
-]
+from slt_jax import _aliases
+
+try:
+    __version__ = importlib.metadata.version("slt-jax")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"
+
+# Public name → the module that defines it.
+_EXPORTS = {
+    "AutoSettings": "slt_jax.settings",
+    "Calibration": "slt_jax.tuning.sweep",
+    "CalibrationError": "slt_jax.errors",
+    "CalibrationWarning": "slt_jax.errors",
+    "ChainDiagnostics": "slt_jax.estimators.diagnostics",
+    "CheckpointTrajectory": "slt_jax.trajectory.checkpoints",
+    "DivergenceError": "slt_jax.errors",
+    "DivergenceWarning": "slt_jax.errors",
+    "EarlyWarning": "slt_jax.curves.early_warning",
+    "FreeEnergyResult": "slt_jax.temperature",
+    "KernelFactory": "slt_jax.samplers.base",
+    "LLCCurve": "slt_jax.trajectory.curve",
+    "LLCResult": "slt_jax.results",
+    "LaplaceLLC": "slt_jax.estimators.laplace",
+    "LocalPosterior": "slt_jax.posterior",
+    "Precision": "slt_jax.settings",
+    "ResultsStore": "slt_jax.trajectory.store",
+    "RunSettings": "slt_jax.settings",
+    "SamplingAlgorithm": "slt_jax.samplers.base",
+    "Stages": "slt_jax.curves.stages",
+    "SweepSettings": "slt_jax.settings",
+    "beta_ladder": "slt_jax.estimators.free_energy",
+    "calibrate": "slt_jax.tuning.sweep",
+    "chain_diagnostics": "slt_jax.estimators.diagnostics",
+    "detect_stages": "slt_jax.curves.stages",
+    "dln_learning_coefficient": "slt_jax.groundtruth",
+    "early_warning": "slt_jax.curves.early_warning",
+    "effective_sample_size": "slt_jax.estimators.diagnostics",
+    "escaped_chains": "slt_jax.trajectory.llc_trajectory",
+    "ess_per_chain": "slt_jax.estimators.diagnostics",
+    "estimate_free_energy": "slt_jax.temperature",
+    "estimate_llc": "slt_jax.estimate",
+    "laplace_llc": "slt_jax.estimators.laplace",
+    "list_steps": "slt_jax.trajectory.checkpoints",
+    "llc_from_slope": "slt_jax.estimators.free_energy",
+    "llc_from_two_temperatures": "slt_jax.estimators.free_energy",
+    "llc_from_variance": "slt_jax.estimators.free_energy",
+    "llc_trajectory": "slt_jax.trajectory.llc_trajectory",
+    "make_mesh": "slt_jax.runner.sharding",
+    "mcse_mean": "slt_jax.estimators.diagnostics",
+    "plot_early_warning": "slt_jax.plots",
+    "plot_llc_curve": "slt_jax.plots",
+    "plot_llc_vs_step_size": "slt_jax.plots",
+    "split_rhat": "slt_jax.estimators.diagnostics",
+    "thermodynamic_integration": "slt_jax.estimators.free_energy",
+    "wbic": "slt_jax.estimators.free_energy",
+}
+_SUBMODULES = ("groundtruth", "models")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"slt_jax.{name}")
+    else:
+        raise AttributeError(f"module 'slt_jax' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+_aliases.install()

@@ -1,39 +1,22 @@
-"""What an LLC estimate returns: the numbers, the traces, and the settings that made them."""
+"""What an LLC estimate returns, and the one function that turns any sampler's draws into it.
+
+Every sampler behind :func:`slt_jax.estimate_llc` — the SGLD family, a calibrated run with its
+extensions, NUTS — hands :func:`summarize` the same :class:`Sampled` record; the summary
+computes λ̂ per draw (Lau et al., arXiv:2308.12108; docs/mathematics.md §1), excludes and
+reports diverged chains (never averaged in), attaches the diagnostics and records the settings.
+"""
 
 import dataclasses
-import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from slt_jax.paths import local_path
-
-
-def json_safe(value):
-    """Plain JSON types: containers recursed, arrays as lists, numpy scalars as Python, non-finite floats as None."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "to_dict"):
-        return json_safe(value.to_dict())
-    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
-        return json_safe(np.asarray(value).tolist())
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if np.isfinite(value) else None
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    return value
-
-
-def dump_json(record: dict, path=None, indent: int = 2) -> str:
-    """``record`` as JSON text; also written (UTF-8) to ``path`` if given. Every result's ``to_json``."""
-    text = json.dumps(record, indent=indent)
-    if path is not None:
-        with open(local_path(path), "w", encoding="utf-8") as file:
-            file.write(text)
-    return text
+from slt_jax import settings as settings_lib
+from slt_jax import validation
+from slt_jax.estimators.diagnostics import chain_diagnostics
+from slt_jax.estimators.llc import llc_draws, llc_statistics
+from slt_jax.runner import divergence
+from slt_jax.serialization import dump_json, json_safe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,3 +80,74 @@ class LLCResult:
         if self.diverged_chains:
             s += f", {len(self.diverged_chains)} diverged chain(s) excluded: {self.diverged_chains}"
         return s
+
+
+class Sampled(NamedTuple):
+    """What a sampler run hands :func:`summarize`.
+
+    Attributes:
+      draws: the per-draw records (:class:`slt_jax.runner.chains.Draws`), ``(chains, draws)``.
+      diverged_at: the step at which each chain diverged (−1 if it did not), ``(chains,)``.
+      positions: the chains' final positions (a params pytree with a leading chain axis).
+      step_size: the step size the draws were taken at.
+      run: the run's settings as actually run (burn-in and draws after any extension).
+      sampler_stats: statistics the sampler reports beyond its per-step info (or ``None``).
+      record: extra settings to record (``calibration``, ``equilibration``).
+    """
+
+    draws: Any
+    diverged_at: np.ndarray
+    positions: Any
+    step_size: float
+    run: settings_lib.RunSettings
+    sampler_stats: dict | None = None
+    record: dict | None = None
+
+
+def summarize(problem, sampled: Sampled, *, sampler: str, key) -> LLCResult:
+    """λ̂ and everything around it from one sampler run on ``problem``.
+
+    Args:
+      problem: the :class:`slt_jax.problem.Problem` the draws came from.
+      sampled: the run's :class:`Sampled` record.
+      sampler: the kernel's name (recorded).
+      key: the root key of the estimate (recorded).
+
+    Returns:
+      An :class:`LLCResult`; diverged chains are excluded and reported by chain
+      (:class:`~slt_jax.DivergenceWarning`, or an error with ``on_divergence="raise"``).
+    """
+    draws, run = sampled.draws, sampled.run
+    batch_loss = np.asarray(draws.batch_loss, np.float64)
+    center_loss = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
+    per_draw = llc_draws(batch_loss, problem.init_loss, problem.nbeta, center_loss)
+    diverged_at = np.asarray(sampled.diverged_at)
+    healthy = (diverged_at < 0) & np.all(np.isfinite(per_draw), axis=1)
+    stats = llc_statistics(per_draw, healthy)
+    diagnostics = chain_diagnostics(per_draw[healthy]) if healthy.any() and per_draw.shape[1] >= 4 else None
+    llc_se = stats.llc_se
+    if not np.isfinite(llc_se) and diagnostics is not None:
+        llc_se = float(diagnostics.mcse)
+    plain = None
+    if center_loss is not None:
+        plain_stats = llc_statistics(llc_draws(batch_loss, problem.init_loss, problem.nbeta), healthy)
+        plain = {"llc_mean": plain_stats.llc_mean, "llc_se": plain_stats.llc_se}
+    loss_trace = batch_loss if center_loss is None else batch_loss - center_loss + problem.init_loss
+    sampler_stats = {}
+    if healthy.any() and draws.info is not None:
+        sampler_stats = {name: float(np.mean(np.asarray(value)[healthy])) for name, value in draws.info._asdict().items()}
+    sampler_stats.update(sampled.sampler_stats or {})
+    diverged_chains = [int(i) for i in np.flatnonzero(~healthy)]
+    diverged_steps = [int(diverged_at[i]) for i in diverged_chains]
+    divergence.report(diverged_chains, diverged_steps, len(healthy), sampled.step_size, run.on_divergence)
+    recorded = {**problem.record(), **settings_lib.to_dict(run), "batch_size": problem.batch_size,
+                "divergence_threshold": problem.divergence_threshold(run), "step_size": sampled.step_size,
+                "sampler": sampler, "key": validation.key_data(key), "calibration": None, "equilibration": None,
+                **(sampled.record or {})}
+    return LLCResult(
+        llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se, llc_per_chain=stats.llc_per_chain,
+        loss_trace=loss_trace, llc_trace=per_draw, distance_trace=np.asarray(draws.distance, np.float64),
+        init_loss=problem.init_loss, nbeta=problem.nbeta, n=problem.n, diverged_chains=diverged_chains,
+        diverged_at=diverged_steps, plain=plain, diagnostics=diagnostics, settings=json_safe(recorded),
+        sampler_stats=sampler_stats or None,
+    )

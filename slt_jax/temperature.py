@@ -5,37 +5,33 @@ One call samples the localized posterior ``∝ N(w; w*, I/γ)·exp(−β·n·L_n
 (the chain runner takes a per-chain nβ = n·β and step size) — and turns the per-rung means
 ``E_β[n·L_n]`` into the free energy by thermodynamic integration, WBIC, and λ̂ from the mean
 at β* = 1/log n, the slope against 1/β, two temperatures and the variance
-(Watanabe arXiv:1208.6338; Lau et al. arXiv:2308.12108; REFERENCE.md §2).
+(Watanabe arXiv:1208.6338; Lau et al. arXiv:2308.12108; docs/mathematics.md §4).
 """
 
 import dataclasses
 import math
-from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from slt_jax.runner import divergence as divergence_lib
-from slt_jax import masks, validation
-from slt_jax.runner.chains import LOSS_ESTIMATORS, ChainInputs, RunConfig, run_chains
+from slt_jax import keys, settings, validation
+from slt_jax.curvature import full_batch_top_eigenvalue
 from slt_jax.estimators import free_energy as fe
 from slt_jax.estimators.diagnostics import chain_diagnostics
-from slt_jax.data.batches import full_batch_loss
-from slt_jax.posterior import LocalPosterior
-from slt_jax.results import dump_json, json_safe
+from slt_jax.problem import make_problem
+from slt_jax.serialization import dump_json, json_safe
+from slt_jax.runner import divergence as divergence_lib
+from slt_jax.runner.chains import run_chains, setup
 from slt_jax.samplers import get_kernel
+from slt_jax.settings import AutoSettings, Precision, RunSettings
+from slt_jax.tuning.auto import calibration_for
+from slt_jax.tuning.sweep import Calibration
 
-DEFAULT_BATCH_SIZE = 256
 # ε·(nβ·h_max + γ) on every rung: the Langevin discretisation inflates the posterior variance
 # along the stiffest direction by about a quarter of this (0.5 %), and that direction relaxes
 # in about 2/0.02 = 100 steps.
 DEFAULT_STEP_SCALE = 0.02
-# Rung spacing in log β: Simpson's error ≈ λ·Δu⁴/180 stays below 1e-4·λ (see beta_ladder).
+# Rung spacing in log β: Simpson's error ≈ λ·Δu⁴/180 ≈ 3.5e-4·λ at Δu = 0.5 (see beta_ladder).
 MAX_LOG_SPACING = 0.5
-_CURVATURE_STREAM = 2**31 - 3
-_full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,48 +110,8 @@ class FreeEnergyResult:
         )
 
 
-def top_curvature(loss_fn, params, data, key, *, mask=None, batch_size=DEFAULT_BATCH_SIZE,
-                  num_iters: int = 30) -> float:
-    """Largest-magnitude Hessian eigenvalue of the full-batch ``L_n`` at ``params``.
-
-    Power iteration on Hessian-vector products (forward-over-reverse), restricted to the
-    sampled coordinates of ``mask``.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
-      params: the point w*.
-      data: the dataset.
-      key: PRNG key for the starting vector.
-      mask: optional 0/1 pytree like ``params``.
-      batch_size: rows per chunk of the full-batch loss.
-      num_iters: power iterations.
-
-    Returns:
-      ``|h_max|`` as a float (0 where the Hessian vanishes).
-    """
-    flat = ravel_pytree(params)[0]
-    sampled = jnp.ones_like(flat) if mask is None else ravel_pytree(mask)[0].astype(flat.dtype)
-    v0 = sampled * jax.random.normal(key, flat.shape, flat.dtype)
-    return float(_power_iteration(loss_fn, params, data, sampled, v0 / jnp.linalg.norm(v0), batch_size,
-                                  num_iters))
-
-
-@partial(jax.jit, static_argnames=("loss_fn", "batch_size", "num_iters"))
-def _power_iteration(loss_fn, params, data, sampled, v0, batch_size, num_iters):
-    flat, unravel = ravel_pytree(params)
-    loss = lambda z: full_batch_loss(loss_fn, unravel(z), data, batch_size).mean
-    hvp = lambda v: sampled * jax.jvp(jax.grad(loss), (flat,), (v,))[1]
-
-    def body(_, v):
-        w = hvp(v)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
-
-    v = jax.lax.fori_loop(0, num_iters, body, v0)
-    return jnp.abs(jnp.vdot(v, hvp(v)))
-
-
 def _wbic_grid(n: int) -> np.ndarray:
-    """β*·(1 − δ, 1, 1 + δ) with β* = 1/log n, δ = 1/√(2 log n) (REFERENCE.md §2), capped below 1."""
+    """β*·(1 − δ, 1, 1 + δ) with β* = 1/log n, δ = 1/√(2 log n) (docs/mathematics.md §4.5), capped at 1."""
     beta_star = 1.0 / math.log(n)
     delta = 1.0 / math.sqrt(2.0 * math.log(n))
     return np.minimum(beta_star * np.array([1.0 - delta, 1.0, 1.0 + delta]), 1.0)
@@ -177,35 +133,17 @@ def _check_betas(betas) -> np.ndarray:
     return b
 
 
-def estimate_free_energy(
-    loss_fn,
-    params,
-    data,
-    key,
-    *,
-    localization: float,
-    betas=None,
-    step_size: float | None = None,
-    num_chains: int = 8,
-    num_draws: int = 500,
-    num_burnin: int = 500,
-    steps_per_draw: int = 1,
-    batch_size: int | None = None,
-    loss_estimator: str = "full_batch",
-    sampler="sgld",
-    param_mask=None,
-    divergence_threshold: float | None = None,
-    on_divergence: str = "warn",
-    chunk_size: int | None = None,
-    progress: bool = True,
-) -> FreeEnergyResult:
+def estimate_free_energy(loss_fn, params, data, key, *, localization: float, betas=None, step_size=None,
+                         sampler="sgld", param_mask=None, mesh=None, devices=None, run: RunSettings | None = None,
+                         auto: AutoSettings | None = None, precision: Precision | None = None,
+                         progress: bool = True, **options) -> FreeEnergyResult:
     """Sample a ladder of temperatures at ``params`` and return the local free energy and λ̂.
 
     Rung β samples ``∝ N(w; w*, I/γ)·exp(−n·β·L_n(w))`` with ``num_chains`` chains; every rung
     and chain runs in one compiled program. The step size on rung β is
     ``step_size·(n·h + γ)/(n·β·h + γ)``, h the largest Hessian eigenvalue of ``L_n`` at w*,
     so every rung takes steps of the same size relative to its posterior width (which runs
-    from γ^{-1/2} at β → 0 to (n·h)^{-1/2} at β = 1; REFERENCE.md §3).
+    from γ^{-1/2} at β → 0 to (n·h)^{-1/2} at β = 1; docs/mathematics.md §4.3).
 
     ``loss_fn`` must return the mean per-sample negative log-likelihood in nats: free
     energies and WBIC depend on the loss's scale and offset (λ̂ does not).
@@ -222,58 +160,49 @@ def estimate_free_energy(
         quadrature error (≈ λ·Δu⁴/180) is far below the Monte Carlo error. The rungs
         ``β*·(1 ± 1/√(2 log n))`` and β* = 1/log n (for WBIC and the λ̂ estimates) are always
         added.
-      step_size: ε at β = 1 (scaled per rung as above); default ``0.02/(n·h + γ)``.
-      num_chains: chains per rung.
-      num_draws: recorded draws per chain.
-      num_burnin: steps per chain before the first draw.
-      steps_per_draw: sampler steps between draws.
-      batch_size: minibatch rows per gradient step; default ``min(256, n)``.
-      loss_estimator: ``"full_batch"`` (default; exact ``L_n`` at each draw, needed for
-        ``var_nloss``), ``"control_variate"`` or ``"minibatch"`` (see ``estimate_llc``).
+      step_size: ε at β = 1 (scaled per rung as above); default ``0.02/(n·h + γ)``; ``"auto"`` to
+        calibrate it at β = 1 with :func:`slt_jax.calibrate`'s sweep (recorded in
+        ``settings["calibration"]``), or a :class:`~slt_jax.Calibration` made at nβ = n.
       sampler: a kernel name (``"sgld"``, ``"sgld_rademacher"``, ``"rmsprop_sgld"``, ``"sgnht"``)
         or factory.
       param_mask: sample only some parameters (see ``estimate_llc``); the free energy is
         then that of the sampled coordinates.
-      divergence_threshold: runaway bound on ``nβ·(L_B − L_n(w*))``; default per rung as in
-        ``estimate_llc``.
-      on_divergence: ``"warn"`` (exclude diverged chains) or ``"raise"``.
-      chunk_size: steps per compiled chunk.
+      mesh, devices: where the chains run (as in ``estimate_llc``); rungs × chains are split
+        over the ``"chains"`` axis.
+      run: :class:`~slt_jax.settings.RunSettings`: ``num_chains`` is per rung; the default
+        ``loss_estimator`` here is ``"full_batch"`` (exact ``L_n`` at each draw, needed for
+        ``var_nloss``); the divergence threshold defaults per rung as in ``estimate_llc``.
+      auto: :class:`~slt_jax.settings.AutoSettings` (its sweep serves ``step_size="auto"``).
+      precision: :class:`~slt_jax.settings.Precision`.
       progress: show a progress bar.
+      **options: fields of those settings as keywords (``num_chains``, ``num_draws``, …).
 
     Returns:
       A :class:`FreeEnergyResult`.
     """
+    run, auto, precision = settings.resolve(options, (run or RunSettings(loss_estimator="full_batch"), RunSettings),
+                                            (auto, AutoSettings), (precision, Precision))
+    validation.key_data(key)
+    run.require_draws(4, "each rung's diagnostics need them")
     n = validation.check_data(data)
     if n < 3:
         raise ValueError(f"data has n={n} rows; the temperature β* = 1/log n needs n >= 3")
-    num_params = validation.check_params(params)
-    validation.check_positive("localization", localization)
-    batch_size = validation.check_run_settings(
-        n, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
-        steps_per_draw=steps_per_draw, batch_size=batch_size, on_divergence=on_divergence,
-        default_batch_size=DEFAULT_BATCH_SIZE, min_draws=4)
-    if step_size is not None:
+    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
+    if step_size is not None and not calibrated:
         validation.check_positive("step_size", step_size)
-    if loss_estimator not in LOSS_ESTIMATORS:
-        raise ValueError(f"loss_estimator={loss_estimator!r} is not one of {LOSS_ESTIMATORS}")
     user_betas = None if betas is None else _check_betas(betas)
     kernel = get_kernel(sampler)
-    key_data = validation.key_data(key)
-
-    params = jax.tree.map(jnp.asarray, params)
-    mask = masks.resolve_mask(param_mask, params)
-    num_sampled = masks.num_sampled(mask, params)
-    data = jax.device_put(data)
-    first = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
-    validation.check_loss_fn(loss_fn, params, first)
-
-    reference = _full_batch_loss(loss_fn, params, data, batch_size)
-    init_loss = float(reference.mean)
-    if not np.isfinite(init_loss):
-        raise ValueError(f"loss_fn is not finite at params (L_n(w*) = {init_loss}): check params and data")
-    curvature = top_curvature(loss_fn, params, data, jax.random.fold_in(key, _CURVATURE_STREAM), mask=mask,
-                              batch_size=batch_size)
-    if step_size is None:
+    problem = make_problem(loss_fn, params, data, localization=localization, nbeta=float(n), param_mask=param_mask,
+                           mesh=mesh, devices=devices, precision=precision, run=run, allow_zero_localization=False)
+    init_loss = problem.init_loss
+    curvature = full_batch_top_eigenvalue(problem.user_loss_fn, problem.params, problem.data,
+                                          keys.stream(key, keys.CURVATURE), mask=problem.mask,
+                                          batch_size=problem.batch_size)
+    calibration = None
+    if calibrated:
+        calibration = calibration_for(problem, kernel, run, auto, key, step_size, progress=progress)
+        step_size = calibration.recommended(problem.nbeta, localization)
+    elif step_size is None:
         if not curvature > 0:
             raise ValueError("the Hessian of L_n vanishes at params, so no default step size can be derived: "
                              "pass step_size (ε at β = 1)")
@@ -282,27 +211,15 @@ def estimate_free_energy(
     grid = _wbic_grid(n)
     all_betas = np.unique(np.concatenate([ladder, grid]))
     rung_steps = step_size * (n * curvature + localization) / (n * all_betas * curvature + localization)
-    num_rungs = all_betas.size
+    num_rungs, num_chains, num_draws = all_betas.size, run.num_chains, run.num_draws
     total = num_rungs * num_chains
 
     nbetas = np.repeat(n * all_betas, num_chains)
-    if divergence_threshold is None:
-        thresholds = np.array([divergence_lib.default_threshold(num_sampled, nb, float(reference.batch_std))
-                               for nb in nbetas])
-    else:
-        validation.check_positive("divergence_threshold", divergence_threshold)
-        thresholds = np.full(total, float(divergence_threshold))
-    acc = jax.dtypes.canonicalize_dtype(jnp.float64)
-    config = RunConfig(loss_fn, kernel, batch_size, steps_per_draw, loss_estimator, min(batch_size, n))
-    inputs = ChainInputs(
-        step_size=jnp.asarray(np.repeat(rung_steps, num_chains), acc),
-        posterior=LocalPosterior(params, jnp.asarray(nbetas, acc), jnp.asarray(localization, acc), mask),
-        divergence=divergence_lib.Divergence(reference.mean, jnp.asarray(thresholds, acc)),
-        data=data,
-        eval_data=data if loss_estimator == "full_batch" else None,
-    )
-    state, draws = run_chains(key, config, inputs, num_chains=total, num_burnin=num_burnin,
-                              num_draws=num_draws, chunk_size=chunk_size, progress=progress)
+    ladder_run = dataclasses.replace(run, num_chains=total)
+    config, inputs = setup(problem, kernel, ladder_run, np.repeat(rung_steps, num_chains), nbeta=nbetas,
+                           threshold=np.array([problem.divergence_threshold(run, nb) for nb in nbetas]))
+    state, draws = run_chains(key, config, inputs, num_chains=total, num_burnin=run.num_burnin,
+                              num_draws=num_draws, chunk_size=run.chunk_size, progress=progress)
 
     batch_loss = np.asarray(draws.batch_loss, np.float64)
     offset = init_loss if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
@@ -312,7 +229,7 @@ def estimate_free_energy(
     healthy = ~diverged.reshape(num_rungs, num_chains)
     diverged_chains = [int(i) for i in np.flatnonzero(diverged)]
     divergence_lib.report(diverged_chains, [int(diverged_at[i]) for i in diverged_chains], total, step_size,
-                          on_divergence)
+                          run.on_divergence)
 
     init_nloss = n * init_loss
     means, ses, variances, diagnostics = [], [], [], []
@@ -339,18 +256,13 @@ def estimate_free_energy(
                                         np.maximum(ses[[low, star, high]], np.finfo(float).tiny))
     two, two_se = fe.llc_from_two_temperatures(all_betas[low], means[low], all_betas[high], means[high],
                                                ses[low], ses[high])
-    llc_variance = fe.llc_from_variance(beta_star, variances[star]) if loss_estimator == "full_batch" else None
+    full_batch = run.loss_estimator == "full_batch"
+    llc_variance = fe.llc_from_variance(beta_star, variances[star]) if full_batch else None
 
-    settings = {
-        "localization": localization, "step_size": step_size, "num_chains": num_chains,
-        "num_draws": num_draws, "num_burnin": num_burnin, "steps_per_draw": steps_per_draw,
-        "batch_size": batch_size, "sampler": kernel.name, "loss_estimator": loss_estimator,
-        "betas": "default" if user_betas is None else user_betas, "n": n, "num_params": num_params,
-        "num_sampled": num_sampled,
-        "param_mask": param_mask if isinstance(param_mask, str) or param_mask is None else "pytree",
-        "key": key_data, "dtype": str(acc),
-        "jax_version": jax.__version__,
-    }
+    recorded = {**problem.record(), **settings.to_dict(run), "step_size": step_size, "sampler": kernel.name,
+                "betas": "default" if user_betas is None else user_betas, "key": validation.key_data(key),
+                "calibration": None if calibration is None else calibration.summary(problem.nbeta, localization)}
+    recorded.pop("nbeta")
     return FreeEnergyResult(
         betas=all_betas, mean_nloss=means, mean_nloss_se=ses, var_nloss=variances, step_sizes=rung_steps,
         free_energy=free_energy, free_energy_se=free_energy_se, wbic=fe.wbic(means[star]),
@@ -358,5 +270,5 @@ def estimate_free_energy(
         llc_mean=beta_star * (means[star] - init_nloss), llc_mean_se=beta_star * float(ses[star]),
         llc_slope=slope, llc_slope_se=slope_se, llc_two_temperatures=two, llc_two_temperatures_se=two_se,
         llc_variance=llc_variance, init_nloss=init_nloss, curvature=curvature, n=n,
-        diverged_chains=diverged_chains, diagnostics=diagnostics, settings=settings,
+        diverged_chains=diverged_chains, diagnostics=diagnostics, settings=json_safe(recorded),
     )

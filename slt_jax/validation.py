@@ -84,20 +84,3 @@ def key_data(key) -> list:
     if isinstance(key, jax.Array) and key.dtype == jnp.uint32:
         return np.asarray(key).tolist()
     raise ValueError(f"key must be a JAX PRNG key (e.g. jax.random.key(0)), got {type(key).__name__}")
-
-
-def check_run_settings(n: int, *, num_chains, num_draws, num_burnin, steps_per_draw, batch_size,
-                       on_divergence, default_batch_size: int, min_draws: int = 1) -> int:
-    """The checks every sampling entry point shares; returns the batch size (default filled in)."""
-    for name, value in (("num_chains", num_chains), ("num_draws", num_draws), ("steps_per_draw", steps_per_draw)):
-        check_positive(name, value, integer=True)
-    check_positive("num_burnin", num_burnin, integer=True, allow_zero=True)
-    if num_draws < min_draws:
-        raise ValueError(f"num_draws must be at least {min_draws} (split R-hat needs them), got {num_draws}")
-    if on_divergence not in ("warn", "raise"):
-        raise ValueError(f"on_divergence={on_divergence!r} must be 'warn' or 'raise'")
-    batch_size = min(default_batch_size, n) if batch_size is None else batch_size
-    check_positive("batch_size", batch_size, integer=True)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
-    return batch_size

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 import slt_jax
-import slt_jax.tuning.stiffness
 from slt_jax.tuning.sweep import CalibrationError, calibrate
 from slt_jax.tuning.choice import choose_step_size
-from slt_jax.tuning.grid import GRID_FACTOR, GRID_POINTS, chain_stiffness, default_step_sizes, stable_step
+from slt_jax.curvature import chain_stiffness
+from slt_jax.settings import SweepSettings
+from slt_jax.tuning.grid import default_step_sizes, stable_step
+
+GRID_FACTOR, GRID_POINTS = SweepSettings().grid_factor, SweepSettings().grid_points
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
@@ -252,10 +255,9 @@ def test_a_step_too_stiff_where_the_chains_went_is_halved_and_the_estimate_follo
     assert abs(_sgld_estimand(eps) - _sgld_estimand(eps / 2)) > 3 * tolerance
 
 
-def test_a_step_still_too_stiff_at_the_reduction_cap_warns_and_is_kept(monkeypatch):
+def test_a_step_still_too_stiff_at_the_reduction_cap_warns_and_is_kept():
     # With no reductions allowed, the same too-large step (2/a_max, above the rule at every
     # position of the Gaussian model) is kept and the estimate warns that λ̂ may read high.
-    monkeypatch.setattr(slt_jax.tuning.stiffness, "MAX_STEP_REDUCTIONS", 0)
     eps = 2.0 / PRECISION.max()
     cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), localization=GAMMA,
                     nbeta=NBETA, step_sizes=[eps], batch_size=1, num_steps=3000, num_chains=8, mala=False,
@@ -263,7 +265,7 @@ def test_a_step_still_too_stiff_at_the_reduction_cap_warns_and_is_kept(monkeypat
     with pytest.warns(slt_jax.CalibrationWarning, match="step_size"):
         result = slt_jax.estimate_llc(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0),
                                       step_size=cal, localization=GAMMA, nbeta=NBETA, batch_size=1,
-                                      num_chains=8, progress=False)
+                                      num_chains=8, max_step_reductions=0, progress=False)
     checks = result.settings["equilibration"]["stiffness"]
     assert len(checks) == 1 and checks[0]["step_size"] == eps > checks[0]["limit"]
     assert result.settings["step_size"] == eps

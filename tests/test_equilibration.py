@@ -16,7 +16,8 @@ import pytest
 
 from slt_jax.runner.chains import ChainInputs, RunConfig, run_chains
 from slt_jax.runner.divergence import Divergence
-from slt_jax.tuning.equilibration import equilibration_time, laplace_plateau, run_until_equilibrated
+from slt_jax.tuning.equilibration import equilibration_time, run_until_equilibrated
+from slt_jax.tuning.plateau import laplace_plateau
 from slt_jax.estimators.llc import llc_draws
 from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers import SGLD

@@ -32,7 +32,7 @@ def _run(kernel, grad_fn, key, num_steps):
 def test_every_kernel_keeps_the_pytree_and_freezes_masked_coordinates(name):
     factory = get_kernel(name)
     assert factory.name == name
-    kernel = factory.build(jnp.float32(1e-3), jnp.float32(10.0), jnp.float32(1.0), CENTER, MASK)
+    kernel = factory.build(jnp.float32(1e-3), LocalPosterior(CENTER, jnp.float32(10.0), jnp.float32(1.0), MASK))
     grad_fn = lambda w: jax.tree.map(lambda x: 2.0 * x, w)  # ∇ of Σw²
     state, infos = jax.jit(lambda k: _run(kernel, grad_fn, k, 20))(jax.random.key(0))
     for leaf, ref in zip(jax.tree.leaves(state.position), jax.tree.leaves(CENTER)):
@@ -106,8 +106,8 @@ def test_sgld_stationary_llc_on_a_quadratic_matches_the_finite_step_closed_form(
 def test_rmsprop_statistics_come_from_the_loss_gradient_only():
     alpha, eps, step, nbeta, gamma = 0.9, 0.1, 1e-3, 10.0, 5.0
     w = {"a": CENTER["a"] + 3.0, "b": CENTER["b"] - 2.0}  # far from w*: a strong localization pull
-    rms = rmsprop_sgld(step, nbeta, gamma, CENTER, alpha=alpha, eps=eps)
-    plain = sgld(step / eps, nbeta, gamma, CENTER)
+    rms = rmsprop_sgld(step, LocalPosterior(CENTER, nbeta, gamma), alpha=alpha, eps=eps)
+    plain = sgld(step / eps, LocalPosterior(CENTER, nbeta, gamma))
 
     @jax.jit
     def one_step(key, grad):

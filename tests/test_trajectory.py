@@ -110,7 +110,7 @@ def test_mismatches_name_the_step_and_the_path(problem, trajectories, tmp_path):
     with pytest.raises(ValueError, match=r"steps \[5\] are not finished checkpoints"):
         llc_trajectory(trajectories / "default", dln_loss, data, jax.random.key(0), steps=[5],
                        **SAMPLER)
-    with pytest.raises(ValueError, match="unknown sampler settings"):
+    with pytest.raises(ValueError, match="unknown setting"):
         llc_trajectory(trajectories / "default", dln_loss, data, jax.random.key(0), num_chain=3,
                        **SAMPLER)
 

@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 from jax.typing import ArrayLike
-from numpyro import diagnostics as numpyro_diagnostics
+
+from slt_jax.serialization import json_safe
 
 # Vehtari, Gelman, Simpson, Carpenter, Bürkner (arXiv:1903.08008) recommend flagging split
 # R-hat above 1.01, together with a total ESS above ~400: below that, R-hat's own sampling
@@ -44,13 +45,14 @@ class ChainDiagnostics(NamedTuple):
         Returns:
             A dict with the same keys as the fields.
         """
-        return {
-            "ess": _json_float(self.ess),
-            "ess_per_chain": [_json_float(v) for v in self.ess_per_chain],
-            "rhat": _json_float(self.rhat),
-            "mcse": _json_float(self.mcse),
-            "rhat_flagged": bool(self.rhat_flagged),
-        }
+        return json_safe(self._asdict())
+
+
+def _numpyro():
+    """``numpyro.diagnostics``, imported on first use (numpyro is not loaded with slt_jax)."""
+    from numpyro import diagnostics
+
+    return diagnostics
 
 
 def effective_sample_size(trace: ArrayLike) -> float:
@@ -67,7 +69,7 @@ def effective_sample_size(trace: ArrayLike) -> float:
     """
     x = _as_trace(trace, min_draws=2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(numpyro_diagnostics.effective_sample_size(x))
+        return float(_numpyro().effective_sample_size(x))
 
 
 def ess_per_chain(trace: ArrayLike) -> np.ndarray:
@@ -82,7 +84,7 @@ def ess_per_chain(trace: ArrayLike) -> np.ndarray:
     x = _as_trace(trace, min_draws=2)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.array(
-            [float(numpyro_diagnostics.effective_sample_size(chain[None])) for chain in x]
+            [float(_numpyro().effective_sample_size(chain[None])) for chain in x]
         )
 
 
@@ -104,7 +106,7 @@ def split_rhat(trace: ArrayLike) -> float:
     """
     x = _as_trace(trace, min_draws=4)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(numpyro_diagnostics.split_gelman_rubin(x))
+        return float(_numpyro().split_gelman_rubin(x))
 
 
 def mcse_mean(trace: ArrayLike) -> float:
@@ -163,8 +165,3 @@ def _as_trace(trace: ArrayLike, *, min_draws: int) -> np.ndarray:
     if num_bad:
         raise ValueError(f"trace has {num_bad} non-finite values (diverged chain?)")
     return x
-
-
-def _json_float(value: float) -> float | None:
-    value = float(value)
-    return value if np.isfinite(value) else None

@@ -29,17 +29,16 @@ Two ways to compute it (``laplace_llc(method=...)``):
 ``method="auto"`` (the default) is dense up to :data:`MAX_PARAMS` parameters, Lanczos above.
 """
 
-import collections
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from slt_jax import validation
+from slt_jax.curvature import lanczos_program
 from slt_jax.groundtruth import regular_llc
 from slt_jax.posterior import default_nbeta
 
@@ -49,13 +48,6 @@ MAX_PARAMS = 8192
 # (vmapped) of the largest divisor of num_probes whose num_lanczos × d bases fit.
 LANCZOS_BASIS_BYTES = 1 << 30
 METHODS = ("auto", "dense", "lanczos")
-# A Lanczos residual β ≤ BREAKDOWN_EPS·eps·‖Hess q‖ (the largest seen) is a breakdown: the
-# Krylov space is invariant to within what HVPs in that dtype resolve. A missed breakdown costs
-# nothing (the reorthogonalised residual starts a decoupled block, whose weight in the quadrature
-# is O(β²)); a false one truncates the quadrature, so the threshold sits near rounding level.
-BREAKDOWN_EPS = 100.0
-
-
 class LaplaceLLC(NamedTuple):
     """The Laplace value and the spectrum it came from.
 
@@ -116,7 +108,7 @@ def laplace_llc(loss_fn, params, data, *, localization: float, nbeta: float | No
     ``z_j/‖z_j‖`` builds a tridiagonal T_j with eigenpairs (θ_k, s_k); with τ_k the first
     component of s_k, ``z_jᵀ f(Hess) z_j ≈ ‖z_j‖² Σ_k τ_k² f(θ_k)`` (Gauss quadrature of the
     spectral measure of z_j), whose mean over probes estimates ``tr f(Hess)``. A breakdown
-    (residual at rounding level, :data:`BREAKDOWN_EPS`: z_j lies in an invariant subspace) ends
+    (residual at rounding level, :data:`slt_jax.curvature.BREAKDOWN_EPS`: z_j lies in an invariant subspace) ends
     that probe's recursion early, and its quadrature is then exact up to rounding. The
     Hessian-vector products run in the parameters' dtype, at least float32 (one compiled
     program, reused by later calls with the same loss, layout and counts, with all probes of a
@@ -165,84 +157,6 @@ def laplace_llc(loss_fn, params, data, *, localization: float, nbeta: float | No
                       0.0, "dense")
 
 
-def _lanczos_program(loss_fn, unravel, n: int, batch_size: int, num_full: int, rest: int, num_steps: int):
-    """A jitted ``(w, probes, full, last) -> (alphas, betas)``: Lanczos on Hess L_n(w) from each probe.
-
-    ``full`` holds ``num_full`` stacked batches of ``batch_size`` rows, ``last`` the ``rest``
-    remaining rows; the HVP is their row-weighted mean. ``alphas``/``betas`` are
-    ``(num_steps, probes)``; after a breakdown both are 0.
-    """
-    grad = jax.grad(lambda v, batch: loss_fn(unravel(v), batch))
-    highest = lax.Precision.HIGHEST  # no TF32 in the reorthogonalisation
-
-    def batch_hvp(w, vectors, batch):
-        # Forward-over-reverse; the primal (w, batch) is shared by the vmapped tangents.
-        return jax.vmap(lambda v: jax.jvp(lambda u: grad(u, batch), (w,), (v,))[1])(vectors)
-
-    def hvp(w, vectors, full, last):
-        total = jnp.zeros_like(vectors)
-        if num_full:
-            total = lax.scan(lambda acc, batch: (acc + batch_hvp(w, vectors, batch), None), total, full)[0]
-            total = total * batch_size
-        if rest:
-            total = total + rest * batch_hvp(w, vectors, last)
-        return total / n
-
-    def run(w, probes, full, last):
-        tol = BREAKDOWN_EPS * float(jnp.finfo(probes.dtype).eps)
-        count = probes.shape[0]
-
-        def step(carry):
-            j, basis, q, q_prev, beta_prev, scale, alphas, betas = carry
-            basis = basis.at[j].set(q)
-            hq = hvp(w, q, full, last)
-            scale = jnp.maximum(scale, jnp.linalg.norm(hq, axis=1))  # ≤ ‖Hess‖, the rounding scale
-            alpha = jnp.sum(q * hq, axis=1)
-            r = hq - alpha[:, None] * q - beta_prev[:, None] * q_prev
-            for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-                coeffs = jnp.einsum("mcd,cd->mc", basis, r, precision=highest)
-                r = r - jnp.einsum("mc,mcd->cd", coeffs, basis, precision=highest)
-            beta = jnp.linalg.norm(r, axis=1)
-            alive = beta > tol * scale  # else: breakdown (or q = 0 after one)
-            beta = jnp.where(alive, beta, 0.0)
-            q_next = jnp.where(alive[:, None], r / jnp.where(alive, beta, 1.0)[:, None], 0.0)
-            return j + 1, basis, q_next, q, beta, scale, alphas.at[j].set(alpha), betas.at[j].set(beta)
-
-        def going(carry):  # until num_steps, or until every probe has broken down
-            j, q = carry[0], carry[2]
-            return (j < num_steps) & jnp.any(q != 0)
-
-        zeros = jnp.zeros((count,), probes.dtype)
-        init = (0, jnp.zeros((num_steps,) + probes.shape, probes.dtype),
-                probes / jnp.linalg.norm(probes, axis=1, keepdims=True), jnp.zeros_like(probes), zeros, zeros,
-                jnp.zeros((num_steps, count), probes.dtype), jnp.zeros((num_steps, count), probes.dtype))
-        alphas, betas = lax.while_loop(going, step, init)[-2:]
-        return alphas, betas
-
-    return jax.jit(run)
-
-
-_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
-_MAX_PROGRAMS = 8
-
-
-def _cached_program(loss_fn, flat, unravel, *static):
-    """:func:`_lanczos_program`, reused by later calls with the same loss_fn, parameter layout
-    and row/step counts (a new program per call would recompile each time)."""
-    layout = jax.tree.structure(unravel(flat)), tuple((x.shape, x.dtype) for x in jax.tree.leaves(unravel(flat)))
-    key = (loss_fn, layout, *static)
-    try:
-        hash(key)
-    except TypeError:  # an unhashable loss_fn: compile for this call only
-        return _lanczos_program(loss_fn, unravel, *static)
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = _lanczos_program(loss_fn, unravel, *static)
-        if len(_PROGRAMS) > _MAX_PROGRAMS:
-            _PROGRAMS.popitem(last=False)
-    _PROGRAMS.move_to_end(key)
-    return _PROGRAMS[key]
-
-
 def _lanczos_llc(loss_fn, flat, unravel, data, n, nbeta, localization, batch_size, key, num_probes, num_steps):
     d = flat.size
     num_full, rest = divmod(n, batch_size) if n > batch_size else (0, n)
@@ -256,7 +170,7 @@ def _lanczos_llc(loss_fn, flat, unravel, data, n, nbeta, localization, batch_siz
     per_probe = num_steps * d * flat.dtype.itemsize
     group = max(g for g in range(1, num_probes + 1)
                 if num_probes % g == 0 and (g == 1 or g * per_probe <= LANCZOS_BASIS_BYTES))
-    program = _cached_program(loss_fn, flat, unravel, n, batch_size, num_full, rest, num_steps)
+    program = lanczos_program(loss_fn, flat, unravel, n, batch_size, num_full, rest, num_steps)
     probes = jax.random.rademacher(key, (num_probes, d), flat.dtype)
     alphas, betas = [], []
     for start in range(0, num_probes, group):

@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from slt_jax.keys import chain_keys
+from slt_jax.results import Sampled
 from slt_jax.runner import sharding
 from slt_jax.runner.divergence import Divergence
 from slt_jax.data.batches import full_batch_loss
@@ -23,7 +25,6 @@ from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers.base import KernelFactory
 
 PyTree = Any
-LOSS_ESTIMATORS = ("control_variate", "minibatch", "full_batch")
 
 
 class RunConfig(NamedTuple):
@@ -70,11 +71,6 @@ class Draws(NamedTuple):
     center_loss: Any
     distance: jax.Array
     info: Any
-
-
-def _sq_distance(position, center):
-    sq = jax.tree.map(lambda w, c: jnp.sum(jnp.square(w - c)), position, center)
-    return sum(jax.tree.leaves(sq))
 
 
 def _step(config, kernel, posterior, divergence, data, chain_key, state, t):
@@ -136,8 +132,7 @@ class _Chain(NamedTuple):
     eval_data: PyTree
 
     def kernel(self):
-        p = self.posterior
-        return self.config.kernel.build(self.step_size, p.nbeta, p.localization, p.center, p.mask)
+        return self.config.kernel.build(self.step_size, self.posterior)
 
     def advance(self, chain_key, state, start, num_steps, num_burnin, total):
         """Steps ``start … start+num_steps−1`` of one chain, with a record per step.
@@ -161,7 +156,7 @@ class _Chain(NamedTuple):
                     key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
                     batch_loss, center_loss = _measure(config, posterior, key, position, batch, loss,
                                                        self.eval_data)
-                    return Draws(batch_loss, center_loss, _sq_distance(position, posterior.center), info)
+                    return Draws(batch_loss, center_loss, posterior.sq_distance(position), info)
 
                 # Measured inside the step's branch: only the record leaves it, never the
                 # minibatch (a batch carried out of a cond costs ~1.5× at batch 2048 on CPU).
@@ -224,6 +219,36 @@ def per_chain(inputs: ChainInputs, num_chains: int, num_padded: int | None = Non
     )
 
 
+def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localization=None,
+          threshold=None) -> tuple[RunConfig, ChainInputs]:
+    """The static config and traced inputs of a run on ``problem``.
+
+    Args:
+      problem: a :class:`slt_jax.problem.Problem`.
+      kernel: the sampler's factory.
+      run: :class:`slt_jax.settings.RunSettings`.
+      step_size: ε, a scalar or one value per chain.
+      nbeta, localization, threshold: per-chain overrides of the problem's nβ, γ and the
+        divergence bound (scalars or one value per chain; default the problem's).
+
+    Returns:
+      ``(RunConfig, ChainInputs)`` for :func:`run_chains`.
+    """
+    dtype = problem.precision.dtype
+    config = RunConfig(problem.loss_fn, kernel, problem.batch_size, run.steps_per_draw, run.loss_estimator,
+                       problem.eval_batch_size, problem.mesh)
+    if threshold is None:
+        threshold = problem.divergence_threshold(run)
+    inputs = ChainInputs(
+        step_size=jnp.asarray(step_size, dtype),
+        posterior=problem.posterior(nbeta, localization),
+        divergence=Divergence(problem.reference.mean, jnp.asarray(threshold, dtype)),
+        data=problem.data,
+        eval_data=problem.measure_data(run.loss_estimator),
+    )
+    return config, inputs
+
+
 @partial(jax.jit, static_argnames=("config", "num_chains"))
 def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> ChainState:
     """Every chain starts at w* (the kernel's own initial state around it)."""
@@ -251,11 +276,6 @@ def _advance(config, inputs, num_steps, chain_keys, state, start, num_burnin, to
     in_specs = (_input_specs(config.mesh), chains, chains, scalar, scalar, scalar)
     run = sharding.shard_chains(local, config.mesh, in_specs, chains)
     return run(inputs, chain_keys, state, start, num_burnin, total)
-
-
-def chain_keys(key, num_chains: int):
-    """Chain i's key: ``fold_in(key, i)``, independent of the number of chains."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_chains))
 
 
 def plan_chunks(total: int, chunk_size: int | None = None):
@@ -343,3 +363,15 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     if padded > num_chains:
         state = jax.tree.map(lambda x: x[:num_chains], state)
     return state, draws
+
+
+def sample(problem, kernel: KernelFactory, run, key, *, step_size, progress=True) -> Sampled:
+    """Run ``kernel`` at a fixed ``step_size`` on ``problem`` with the shape of ``run``.
+
+    Returns:
+      A :class:`~slt_jax.results.Sampled` for :func:`slt_jax.results.summarize`.
+    """
+    config, inputs = setup(problem, kernel, run, step_size)
+    state, draws = run_chains(key, config, inputs, num_chains=run.num_chains, num_burnin=run.num_burnin,
+                              num_draws=run.num_draws, chunk_size=run.chunk_size, progress=progress)
+    return Sampled(draws, np.asarray(state.diverged_at), state.kernel_state.position, float(step_size), run)

@@ -21,9 +21,10 @@ class SamplingAlgorithm(NamedTuple):
 class KernelFactory(NamedTuple):
     """How the chain runner builds a kernel inside its compiled program.
 
-    ``build(step_size, nbeta, localization, center, mask)`` returns a
-    :class:`SamplingAlgorithm`. All its arguments are traced arrays, so one compiled
-    program serves every checkpoint, step size and temperature.
+    ``build(step_size, posterior)`` returns a :class:`SamplingAlgorithm` for the
+    :class:`~slt_jax.posterior.LocalPosterior` ``posterior``. The step size and the posterior's
+    fields are traced arrays, so one compiled program serves every checkpoint, step size and
+    temperature.
     """
 
     name: str

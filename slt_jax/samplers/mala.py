@@ -24,14 +24,14 @@ from slt_jax.posterior import LocalPosterior
 @partial(jax.jit, static_argnames=("loss_fn", "batch_size"))
 def _acceptance(loss_fn, data, posterior, positions, noise, uniforms, step_size, batch_size):
     """Mean acceptance of MALA chains on flattened coordinates; noise ``(chains, steps, k)``."""
-    center, unravel = ravel_pytree(posterior.center)
-    sampled = jnp.ones_like(center) if posterior.mask is None else ravel_pytree(posterior.mask)[0]
+    unravel = ravel_pytree(posterior.center)[1]
+    sampled = ravel_pytree(posterior.sampled())[0]
     loss_n = exact_loss(loss_fn, data, batch_size)
     center_loss = loss_n(posterior.center)
 
-    def potential(z):  # relative to L_n(w*), which keeps float32 energies small
-        pull = jnp.sum(jnp.square(z - center))
-        return posterior.nbeta * (loss_n(unravel(z)) - center_loss) + 0.5 * posterior.localization * pull
+    def potential(z):
+        w = unravel(z)
+        return posterior.potential(loss_n(w), center_loss, w)
 
     value_and_grad = jax.value_and_grad(potential)
     mean_of = lambda z, g: z - 0.5 * step_size * sampled * g

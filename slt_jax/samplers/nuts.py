@@ -8,6 +8,7 @@ discretisation bias, so comparing the two at equal nβ and γ separates sampler 
 estimator bias.
 """
 
+import dataclasses
 import warnings
 from typing import Any, NamedTuple
 
@@ -15,17 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from numpyro.infer import MCMC, NUTS
 
-from slt_jax.runner import divergence as divergence_lib
-from slt_jax import masks, validation
-from slt_jax.estimators.diagnostics import chain_diagnostics
-from slt_jax.estimators.llc import llc_draws, llc_statistics
 from slt_jax.data.batches import exact_loss
-from slt_jax.posterior import default_nbeta
-from slt_jax.results import LLCResult
+from slt_jax.errors import DivergenceError, DivergenceWarning
+from slt_jax.posterior import LocalPosterior
+from slt_jax.results import Sampled
+from slt_jax.runner.chains import Draws
 
 DEFAULT_BATCH_SIZE = 4096
+NUTS = "nuts"  # the sampler name that selects this gold standard in estimate_llc
 
 
 class NUTSDraws(NamedTuple):
@@ -90,13 +89,17 @@ def sample_nuts(loss_fn, params, data, key, *, nbeta, localization, num_chains, 
     Returns:
       :class:`NUTSDraws`.
     """
+    from numpyro.infer import MCMC, NUTS  # numpyro only when NUTS runs
+
     center_z, to_params = _embedding(params, mask)
     loss_n = exact_loss(loss_fn, data, batch_size)
     center_loss = loss_n(params)
 
+    posterior = LocalPosterior(params, nbeta, localization, mask)
+
     def potential(z):
-        excess = loss_n(to_params(z)) - center_loss
-        return nbeta * excess + 0.5 * localization * jnp.sum(jnp.square(z - center_z))
+        w = to_params(z)
+        return posterior.potential(loss_n(w), center_loss, w)
 
     kernel = NUTS(potential_fn=potential, step_size=step_size, target_accept_prob=target_accept_prob,
                   max_tree_depth=max_tree_depth)
@@ -117,90 +120,40 @@ def sample_nuts(loss_fn, params, data, key, *, nbeta, localization, num_chains, 
     return NUTSDraws(positions, np.asarray(center_z), to_params, stats)
 
 
-def estimate_llc_nuts(loss_fn, params, data, key, *, localization, nbeta=None, step_size=1e-3,
-                      num_chains=8, num_draws=500, num_burnin=500, steps_per_draw=1, batch_size=None,
-                      eval_data=None, param_mask=None, on_divergence="warn", progress=True) -> LLCResult:
-    """λ̂(w*) from NUTS draws of the localized tempered posterior (``sampler="nuts"``).
+def sample(problem, run, key, *, step_size, progress=True) -> Sampled:
+    """λ̂'s draws from NUTS on ``problem``'s localized posterior (``sampler="nuts"``).
 
-    The same estimand as :func:`slt_jax.estimate_llc` — ``λ̂ = nβ·(E_p[L_n] − L_n(w*))``,
-    Lau et al. arXiv:2308.12108 — with every draw's ``L_n`` exact on the full (evaluation)
-    dataset and no discretisation or minibatch bias, for models small enough to take full-batch
-    gradients at every leapfrog step.
-
-    Args:
-      loss_fn, params, data, key, localization, nbeta, num_chains, eval_data, param_mask: as
-        in :func:`slt_jax.estimate_llc`.
-      step_size: initial leapfrog step size; NUTS adapts it during warm-up.
-      num_draws: recorded NUTS transitions per chain.
-      num_burnin: warm-up (adaptation) transitions per chain.
-      steps_per_draw: thinning: transitions per recorded draw.
-      batch_size: rows per chunk of the full-batch loss (memory only; default min(4096, n)).
-      on_divergence: NUTS divergent transitions (energy errors the adapted step could not
-        resolve) are counted in ``sampler_stats``; ``"warn"`` also warns, ``"raise"`` raises.
-      progress: show numpyro's progress bar.
+    The same estimand as every other sampler behind :func:`slt_jax.estimate_llc`, with every
+    draw's ``L_n`` exact on the full (evaluation) dataset and no discretisation or minibatch
+    bias, for models small enough to take full-batch gradients at every leapfrog step. The run's
+    ``num_burnin`` is NUTS's warm-up (adaptation), ``num_draws × steps_per_draw`` its transitions
+    thinned by ``steps_per_draw``; ``step_size`` is the initial leapfrog step (adapted);
+    ``loss_estimator`` and ``chunk_size`` do not apply. NUTS's divergent transitions (energy
+    errors the adapted step could not resolve) warn (or raise with ``on_divergence="raise"``).
 
     Returns:
-      An :class:`~slt_jax.results.LLCResult`; ``sampler_stats`` holds the adapted step sizes,
+      A :class:`~slt_jax.results.Sampled` whose ``sampler_stats`` hold the adapted step sizes,
       mean acceptance probability, divergent transitions and leapfrog steps per draw.
     """
-    n = validation.check_data(data)
-    num_params = validation.check_params(params)
-    validation.check_positive("step_size", step_size)
-    validation.check_positive("localization", localization, allow_zero=True)
-    nbeta = (default_nbeta(n) if n > 1 else 1.0) if nbeta is None else nbeta
-    validation.check_positive("nbeta", nbeta)
-    batch_size = validation.check_run_settings(
-        n, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
-        steps_per_draw=steps_per_draw, batch_size=batch_size, on_divergence=on_divergence,
-        default_batch_size=DEFAULT_BATCH_SIZE, min_draws=4)
-    params = jax.tree.map(jnp.asarray, params)
-    mask = masks.resolve_mask(param_mask, params)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
-    validation.check_loss_fn(loss_fn, params, shapes)
-    measure, n_eval, eval_batch = data, n, batch_size
-    if eval_data is not None:
-        n_eval = validation.check_data(eval_data, "eval_data")
-        measure, eval_batch = eval_data, min(batch_size, n_eval)
-
-    draws = sample_nuts(loss_fn, params, data, key, nbeta=nbeta, localization=localization,
-                        num_chains=num_chains, num_warmup=num_burnin,
-                        num_samples=num_draws * steps_per_draw, thinning=steps_per_draw, mask=mask,
-                        batch_size=batch_size, step_size=step_size, progress=progress)
-    measured = exact_loss(loss_fn, measure, eval_batch)
+    run.require_draws(4, "split R-hat needs them")
+    chunk = min(problem.n, max(problem.batch_size, DEFAULT_BATCH_SIZE))
+    draws = sample_nuts(problem.loss_fn, problem.params, problem.data, key, nbeta=problem.nbeta,
+                        localization=problem.localization, num_chains=run.num_chains, num_warmup=run.num_burnin,
+                        num_samples=run.num_draws * run.steps_per_draw, thinning=run.steps_per_draw,
+                        mask=problem.mask, batch_size=chunk, step_size=step_size, progress=progress)
+    measure = problem.data if problem.eval_data is None else problem.eval_data
+    measured = exact_loss(problem.loss_fn, measure, min(problem.n_eval, chunk))
     flat = jnp.asarray(draws.positions.reshape(-1, draws.positions.shape[-1]))
     batch_loss = jax.jit(lambda zs: jax.lax.map(lambda z: measured(draws.unravel(z)), zs))(flat)
     batch_loss = np.asarray(batch_loss, np.float64).reshape(draws.positions.shape[:2])
-    init_loss = float(measured(params))
-
-    per_draw = llc_draws(batch_loss, init_loss, nbeta)
-    healthy = np.all(np.isfinite(per_draw), axis=1)
-    stats = llc_statistics(per_draw, healthy)
-    diagnostics = chain_diagnostics(per_draw[healthy]) if healthy.any() else None
-    llc_se = stats.llc_se
-    if not np.isfinite(llc_se) and diagnostics is not None:
-        llc_se = float(diagnostics.mcse)
     num_divergent = draws.stats["num_divergent"]
     if num_divergent:
         message = (f"NUTS reported {num_divergent} divergent transitions: the posterior has curvature "
                    "the adapted step size cannot resolve, so λ̂ may be biased; raise num_burnin.")
-        if on_divergence == "raise":
-            raise divergence_lib.DivergenceError(message)
-        warnings.warn(message, divergence_lib.DivergenceWarning, stacklevel=2)
-    diverged_chains = [int(i) for i in np.flatnonzero(~healthy)]
-    settings = {
-        "step_size": step_size, "localization": localization, "nbeta": nbeta, "num_chains": num_chains,
-        "num_draws": num_draws, "num_burnin": num_burnin, "steps_per_draw": steps_per_draw,
-        "batch_size": batch_size, "sampler": "nuts", "loss_estimator": "full_batch",
-        "eval_data": eval_data is not None, "n": n, "n_eval": n_eval, "num_params": num_params,
-        "num_sampled": masks.num_sampled(mask, params),
-        "param_mask": param_mask if isinstance(param_mask, str) or param_mask is None else "pytree",
-        "key": validation.key_data(key), "jax_version": jax.__version__,
-    }
-    return LLCResult(
-        llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se,
-        llc_per_chain=stats.llc_per_chain, loss_trace=batch_loss, llc_trace=per_draw,
-        distance_trace=np.sum(np.square(draws.positions - draws.center), axis=-1),
-        init_loss=init_loss, nbeta=float(nbeta), n=n, diverged_chains=diverged_chains,
-        diverged_at=[-1] * len(diverged_chains), plain=None, diagnostics=diagnostics, settings=settings,
-        sampler_stats=draws.stats,
-    )
+        if run.on_divergence == "raise":
+            raise DivergenceError(message)
+        warnings.warn(message, DivergenceWarning, stacklevel=3)
+    distance = np.sum(np.square(draws.positions - draws.center), axis=-1)
+    record = Draws(batch_loss=batch_loss, center_loss=None, distance=distance, info=None)
+    return Sampled(record, np.full(run.num_chains, -1), None, float(step_size),
+                   dataclasses.replace(run, loss_estimator="full_batch"), draws.stats)

@@ -1,6 +1,6 @@
 """RMSProp-preconditioned SGLD on the localized tempered posterior.
 
-Hitchcock & Hoogland, arXiv:2507.21449 (REFERENCE.md §3), after Li et al.'s pSGLD
+Hitchcock & Hoogland, arXiv:2507.21449 (docs/mathematics.md §2), after Li et al.'s pSGLD
 (arXiv:1512.07666): a diagonal preconditioner ``G = 1/(√V + eps)`` built from a running mean
 ``V`` of the squared minibatch *loss* gradient — never the localization term, whose pull
 towards w* would otherwise leak into the step sizes — scales both drift and noise::
@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
 from slt_jax.samplers.noise import tree_normal
 
@@ -47,16 +48,12 @@ class RMSPropSGLDInfo(NamedTuple):
     preconditioner_max: jax.Array
 
 
-def rmsprop_sgld(step_size, nbeta, localization, center, mask=None, *, alpha=DEFAULT_ALPHA,
-                 eps=DEFAULT_EPS) -> SamplingAlgorithm:
+def rmsprop_sgld(step_size, posterior: LocalPosterior, *, alpha=DEFAULT_ALPHA, eps=DEFAULT_EPS) -> SamplingAlgorithm:
     """Build the RMSProp-SGLD kernel for the posterior ∝ exp(−nβ·L(w) − γ/2·‖w − w*‖²).
 
     Args:
       step_size: ε, the step size before preconditioning.
-      nbeta: nβ, the inverse temperature times the number of samples.
-      localization: γ, the strength of the Gaussian pull towards ``center``.
-      center: w*, the pytree where the LLC is measured.
-      mask: optional 0/1 pytree like ``center``; coordinates with 0 stay at w*.
+      posterior: w*, nβ, γ and the optional 0/1 mask (coordinates with 0 stay at w*).
       alpha: decay of the running mean of the squared loss gradient.
       eps: floor added to ``√V``; bounds the preconditioner by ``1/eps`` (in units of the loss
         gradient, so it depends on the scale of the loss).
@@ -73,16 +70,15 @@ def rmsprop_sgld(step_size, nbeta, localization, center, mask=None, *, alpha=DEF
         square_avg = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * jnp.square(g), state.square_avg,
                                   loss_grad)
         precond = jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v) + eps), square_avg)
+        force = posterior.force(state.position, loss_grad)
 
-        def delta(w, w0, g, xi, p):
-            drift = -nbeta * g - localization * (w - w0)
-            return (0.5 * step_size * p * drift + jnp.sqrt(step_size * p) * xi).astype(w.dtype)
+        def delta(w, f, xi, p):
+            return (-0.5 * step_size * p * f + jnp.sqrt(step_size * p) * xi).astype(w.dtype)
 
-        deltas = jax.tree.map(delta, state.position, center, loss_grad, noise, precond)
+        deltas = posterior.masked(jax.tree.map(delta, state.position, force, noise, precond))
         sampled = precond
-        if mask is not None:
-            deltas = jax.tree.map(jnp.multiply, deltas, mask)
-            sampled = jax.tree.map(lambda p, m: jnp.where(m != 0, p, jnp.nan), precond, mask)
+        if posterior.mask is not None:
+            sampled = jax.tree.map(lambda p, m: jnp.where(m != 0, p, jnp.nan), precond, posterior.mask)
         position = jax.tree.map(jnp.add, state.position, deltas)
         leaves = jax.tree.leaves(sampled)
         info = RMSPropSGLDInfo(jnp.nanmin(jnp.stack([jnp.nanmin(p) for p in leaves])),
@@ -113,8 +109,8 @@ def rmsprop_sgld_kernel(alpha: float = DEFAULT_ALPHA, eps: float = DEFAULT_EPS) 
     if (alpha, eps) != (DEFAULT_ALPHA, DEFAULT_EPS):
         name = f"rmsprop_sgld(alpha={alpha:g}, eps={eps:g})"
 
-    def build(step_size, nbeta, localization, center, mask=None):
-        return rmsprop_sgld(step_size, nbeta, localization, center, mask, alpha=alpha, eps=eps)
+    def build(step_size, posterior):
+        return rmsprop_sgld(step_size, posterior, alpha=alpha, eps=eps)
 
     return KernelFactory(name, build)
 

@@ -1,6 +1,6 @@
 """Stochastic-gradient Langevin dynamics on the localized tempered posterior.
 
-Lau et al., arXiv:2308.12108, eq. for SGLD with localization (REFERENCE.md §1)::
+Lau et al., arXiv:2308.12108, eq. for SGLD with localization (docs/mathematics.md §2)::
 
     Δw = (ε/2)·(−nβ·∇L_B(w) − γ·(w − w*)) + N(0, ε·I)
 
@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
 from slt_jax.samplers.noise import tree_normal, tree_rademacher
 
@@ -43,16 +44,13 @@ def _check_noise(noise: str) -> str:
     return noise
 
 
-def sgld(step_size, nbeta, localization, center, mask=None, *, noise: str = "gaussian") -> SamplingAlgorithm:
+def sgld(step_size, posterior: LocalPosterior, *, noise: str = "gaussian") -> SamplingAlgorithm:
     """Build the SGLD kernel for the posterior ∝ exp(−nβ·L(w) − γ/2·‖w − w*‖²).
 
     Args:
       step_size: ε, the Langevin step size (noise variance per step).
-      nbeta: nβ, the inverse temperature times the number of samples.
-      localization: γ, the strength of the Gaussian pull towards ``center``.
-      center: w*, the pytree where the LLC is measured.
-      mask: optional pytree like ``center`` of 0/1 floats; coordinates with 0 stay at w*
-        (weight-refined LLC, Wang et al. arXiv:2410.02984).
+      posterior: w*, nβ, γ and the optional 0/1 mask (coordinates with 0 stay at w*:
+        weight-refined LLC, Wang et al. arXiv:2410.02984).
       noise: ``"gaussian"`` (N(0, I)) or ``"rademacher"`` (±1 signs; see the module docstring).
 
     Returns:
@@ -64,16 +62,10 @@ def sgld(step_size, nbeta, localization, center, mask=None, *, noise: str = "gau
         return SGLDState(position)
 
     def step(key, state, loss_grad):
-        xi = draw(key, state.position)
-
-        def delta(w, w0, g, xi):
-            drift = -nbeta * g - localization * (w - w0)
-            return (0.5 * step_size * drift + jnp.sqrt(step_size) * xi).astype(w.dtype)
-
-        deltas = jax.tree.map(delta, state.position, center, loss_grad, xi)
-        if mask is not None:
-            deltas = jax.tree.map(jnp.multiply, deltas, mask)
-        return SGLDState(jax.tree.map(jnp.add, state.position, deltas)), SGLDInfo()
+        force = posterior.force(state.position, loss_grad)
+        deltas = jax.tree.map(lambda w, f, xi: (-0.5 * step_size * f + jnp.sqrt(step_size) * xi).astype(w.dtype),
+                              state.position, force, draw(key, state.position))
+        return SGLDState(jax.tree.map(jnp.add, state.position, posterior.masked(deltas))), SGLDInfo()
 
     return SamplingAlgorithm(init, step)
 

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
 from slt_jax.samplers.noise import tree_normal
 
@@ -56,16 +57,12 @@ def _sum_squares(tree):
     return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-def sgnht(step_size, nbeta, localization, center, mask=None, *,
-          diffusion=DEFAULT_DIFFUSION) -> SamplingAlgorithm:
+def sgnht(step_size, posterior: LocalPosterior, *, diffusion=DEFAULT_DIFFUSION) -> SamplingAlgorithm:
     """Build the SGNHT kernel for the posterior ∝ exp(−nβ·L(w) − γ/2·‖w − w*‖²).
 
     Args:
       step_size: ε = h², the squared time step (increments are of size √ε, as in SGLD).
-      nbeta: nβ, the inverse temperature times the number of samples.
-      localization: γ, the strength of the Gaussian pull towards ``center``.
-      center: w*, the pytree where the LLC is measured.
-      mask: optional 0/1 pytree like ``center``; coordinates with 0 stay at w* (no momentum).
+      posterior: w*, nβ, γ and the optional 0/1 mask (coordinates with 0 stay at w*, no momentum).
       diffusion: D = A·h, the injected noise as a per-step friction; the thermostat starts
         there.
 
@@ -73,8 +70,7 @@ def sgnht(step_size, nbeta, localization, center, mask=None, *,
       A :class:`SamplingAlgorithm`; the momentum starts at zero and heats up within about
       ``1/D`` steps.
     """
-    sampled = jax.tree.map(jnp.ones_like, center) if mask is None else mask
-    num_sampled = sum(jnp.sum(m != 0) for m in jax.tree.leaves(sampled))
+    num_sampled = posterior.num_sampled()
 
     def init(position):
         zeros = jax.tree.map(jnp.zeros_like, position)
@@ -84,14 +80,12 @@ def sgnht(step_size, nbeta, localization, center, mask=None, *,
     def step(key, state, loss_grad):
         noise = tree_normal(key, state.position)
         zeta = state.thermostat
+        force = posterior.force(state.position, loss_grad)
 
-        def new_momentum(u, w, w0, g, xi, m):
-            force = nbeta * g + localization * (w - w0)
-            u = (1 - zeta) * u - step_size * force + jnp.sqrt(2 * diffusion * step_size) * xi
-            return (m * u).astype(w.dtype)
+        def new_momentum(u, w, f, xi):
+            return ((1 - zeta) * u - step_size * f + jnp.sqrt(2 * diffusion * step_size) * xi).astype(w.dtype)
 
-        momentum = jax.tree.map(new_momentum, state.momentum, state.position, center, loss_grad,
-                                noise, sampled)
+        momentum = posterior.masked(jax.tree.map(new_momentum, state.momentum, state.position, force, noise))
         position = jax.tree.map(jnp.add, state.position, momentum)
         mean_square = _sum_squares(momentum) / num_sampled
         thermostat = (zeta + mean_square - step_size).astype(zeta.dtype)
@@ -116,8 +110,8 @@ def sgnht_kernel(diffusion: float = DEFAULT_DIFFUSION) -> KernelFactory:
         raise ValueError(f"diffusion must be positive, got {diffusion!r}")
     name = "sgnht" if diffusion == DEFAULT_DIFFUSION else f"sgnht(diffusion={diffusion:g})"
 
-    def build(step_size, nbeta, localization, center, mask=None):
-        return sgnht(step_size, nbeta, localization, center, mask, diffusion=diffusion)
+    def build(step_size, posterior):
+        return sgnht(step_size, posterior, diffusion=diffusion)
 
     return KernelFactory(name, build)
 

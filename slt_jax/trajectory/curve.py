@@ -11,16 +11,15 @@ import dataclasses
 
 import numpy as np
 
-from slt_jax.paths import local_path
 from slt_jax.curves.early_warning import EarlyWarning, early_warning
-from slt_jax.plots import plot_early_warning, plot_llc_curve
-from slt_jax.results import dump_json, json_safe
 from slt_jax.curves.stages import Stages, detect_stages
+from slt_jax.paths import local_path
+from slt_jax.serialization import dump_json, json_safe
 
 COLUMNS = (
     "step", "llc_mean", "llc_std", "llc_se", "init_loss", "free_energy_approx", "nbeta",
     "localization", "n", "num_chains", "diverged_chains", "escaped_chains", "flagged", "ess",
-    "rhat",
+    "rhat", "step_size", "calibrated_at",
 )
 
 
@@ -35,7 +34,9 @@ class LLCCurve:
         asymptotic free energy without the O(log log n) term; meaningful when the loss is
         the per-sample negative log-likelihood in nats), ``nbeta``, ``localization``, ``n``,
         ``num_chains``, ``diverged_chains`` and ``escaped_chains`` (counts), ``flagged``
-        (any chain diverged or escaped), ``ess`` and ``rhat`` of the λ̂ trace.
+        (any chain diverged or escaped), ``ess`` and ``rhat`` of the λ̂ trace, ``step_size``
+        (the step the estimate ended with) and ``calibrated_at`` (the checkpoint whose
+        calibration it used; empty for a fixed step).
       settings: every setting shared by the rows (JSON-ready).
     """
 
@@ -111,6 +112,8 @@ class LLCCurve:
         loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
         if loss.shape != (len(self.rows),):
             raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
+        from slt_jax.plots import plot_llc_curve  # matplotlib only when plotting
+
         fig = plot_llc_curve(
             self.steps[keep], self.column("llc_mean")[keep], self.column("llc_se")[keep],
             loss=loss[keep], boundaries=None if stages is None else stages.boundaries, title=title,
@@ -160,6 +163,8 @@ class LLCCurve:
             self.plot(paths["plot"], stages=stages, loss=loss, events=events, title=title)
         if keep.sum() >= 6:
             paths["early_warning"] = out / "early_warning.png"
+            from slt_jax.plots import plot_early_warning
+
             plot_early_warning(self.steps[keep], self.column("llc_mean")[keep],
                                self.early_warning(seed=seed), log_steps=True,
                                path=paths["early_warning"])

@@ -6,7 +6,7 @@ step so that an interrupted run resumes with identical numbers, and returns an
 :class:`LLCCurve`: one row per step, with stage detection (arXiv:2402.02364), early-warning
 indicators and plots on top.
 
-Saddles (REFERENCE.md §3). Training plateaus sit near saddles, where the localized posterior
+Saddles (docs/mathematics.md §6.4). Training plateaus sit near saddles, where the localized posterior
 is proper only if γ exceeds nβ·|most negative Hessian eigenvalue|; otherwise chains slide
 downhill and their λ̂ measures the slide, not the point. Two guards:
 
@@ -19,9 +19,16 @@ downhill and their λ̂ measures the slide, not the point. Two guards:
 - Chains that slide away anyway are detected (:func:`escaped_chains`), left out of the
   step's λ̂ like diverged chains, counted in the row, and the row is flagged; stage detection
   and plots use the unflagged rows.
+
+Every capability of :func:`slt_jax.estimate_llc` applies per checkpoint: the same settings
+(:mod:`slt_jax.settings`), ``mesh=``/``devices=`` (rows do not depend on the device count, so
+the mesh is not part of what a resumed run must match), precision, and ``step_size="auto"`` —
+calibrated at every checkpoint (``calibrate_at="each"``, the default: early checkpoints near
+initialisation and late ones differ in curvature by orders of magnitude) or once, at one
+checkpoint's parameters (``calibrate_at=step``), whose :class:`~slt_jax.Calibration` every
+checkpoint then uses; each row records the step size it ended with and where it was calibrated.
 """
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,47 +37,48 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from slt_jax import settings as settings_lib
 from slt_jax import validation
-from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
 from slt_jax.estimators.llc import llc_statistics
-from slt_jax.trajectory.curve import COLUMNS, LLCCurve
 from slt_jax.paths import checkpoint_path
 from slt_jax.posterior import default_nbeta
+from slt_jax.problem import make_problem
+from slt_jax.samplers import get_kernel, nuts
+from slt_jax.settings import AutoSettings, Precision, RunSettings
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
+from slt_jax.trajectory.curve import COLUMNS, LLCCurve
 from slt_jax.trajectory.store import ResultsStore
-from slt_jax.samplers import get_kernel
+from slt_jax.tuning.auto import calibration_for
+from slt_jax.tuning.sweep import Calibration
 
 DEFAULT_LOCALIZATION_PER_NBETA = 0.1
-ESCAPE_LLC = 10.0
-ESCAPE_DISTANCE_FACTOR = 2.0
-_SAMPLER_SETTINGS = (
-    "num_chains", "num_draws", "num_burnin", "steps_per_draw", "batch_size", "sampler",
-    "loss_estimator", "eval_data", "param_mask", "divergence_threshold", "on_divergence",
-    "chunk_size",
-)
 
 
-def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localization: float):
+def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localization: float,
+                   escape_llc: float = 10.0, distance_factor: float = 2.0):
     """Which chains slid away from w* instead of sampling around it.
 
     A chain has escaped when either
 
-    - its λ̂ is below ``−ESCAPE_LLC`` (−10): at a local minimum every exact draw of
+    - its λ̂ is below ``−escape_llc`` (−10): at a local minimum every exact draw of
       ``nβ·(L(w_t) − L(w*))`` is ≥ 0, so a chain averaging 10 nats below w*'s tempered loss
       found a way down (minibatch noise in the control-variate draws averages out far below
       that); or
     - its mean ``‖w_t − w*‖²`` over the second half of its draws exceeds
-      ``2·num_sampled/γ``. The localizer alone gives ``E‖w − w*‖² = num_sampled/γ``, and a
-      loss that does not decrease along any ray from w* only shrinks it (the radial weight
-      ``exp(−nβ·ΔL)`` is non-increasing, and the Gaussian radius is independent of the
-      direction), so a chain twice as far out was pulled by lower loss.
+      ``distance_factor·num_sampled/γ`` (2×). The localizer alone gives
+      ``E‖w − w*‖² = num_sampled/γ``, and a loss that does not decrease along any ray from w*
+      only shrinks it (the radial weight ``exp(−nβ·ΔL)`` is non-increasing, and the Gaussian
+      radius is independent of the direction), so a chain twice as far out was pulled by lower
+      loss.
 
     Args:
       llc_per_chain: λ̂ of each chain, shape ``(chains,)``.
       distance_trace: ``‖w_t − w*‖²`` per draw, shape ``(chains, draws)``.
       num_sampled: number of sampled parameters (those the mask leaves free).
       localization: γ; with γ = 0 only the λ̂ rule applies.
+      escape_llc, distance_factor: the two rules' thresholds.
 
     Returns:
       Boolean array, shape ``(chains,)``.
@@ -82,14 +90,14 @@ def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localizat
             f"distance_trace must have shape (chains, draws) = ({llc_per_chain.shape[0]}, …), "
             f"got {distance.shape}"
         )
-    slid = llc_per_chain < -ESCAPE_LLC
+    slid = llc_per_chain < -escape_llc
     if localization > 0:
         late = distance[:, distance.shape[1] // 2:].mean(axis=1)
-        slid |= late > ESCAPE_DISTANCE_FACTOR * num_sampled / localization
+        slid |= late > distance_factor * num_sampled / localization
     return slid
 
 
-def _row(step: int, result, localization: float) -> dict:
+def llc_row(step: int, result, localization: float, calibrated_at=None) -> dict:
     """One curve row from an estimate: λ̂ over the chains that neither diverged nor escaped."""
     escaped = escaped_chains(result.llc_per_chain, result.distance_trace,
                              num_sampled=result.settings["num_sampled"], localization=localization)
@@ -111,32 +119,27 @@ def _row(step: int, result, localization: float) -> dict:
         "num_chains": int(escaped.size), "diverged_chains": int(diverged.sum()),
         "escaped_chains": int((escaped & ~diverged).sum()),
         "flagged": bool((diverged | escaped).any()), "ess": ess, "rhat": rhat,
+        "step_size": float(result.settings["step_size"]), "calibrated_at": calibrated_at,
     }
 
 
-def _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_settings):
-    """Everything that determines the rows, as JSON (what a resumed run must match).
-
-    Sampler settings not given take ``estimate_llc``'s defaults, so passing a default
-    explicitly on a rerun is no change.
-    """
-    defaults = inspect.signature(estimate_llc).parameters
-    settings = {
+def _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler, eval_data,
+              param_mask, run, auto, precision, calibrate_at):
+    """Everything that determines the rows, as JSON (what a resumed run must match). The mesh
+    is not part of it: rows do not depend on how many devices computed them."""
+    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
+    return {
         "checkpoint_dir": str(checkpoint_dir), "item": item,
         "select": None if select is None else getattr(select, "__qualname__", repr(select)),
-        "key": validation.key_data(key), "n": n, "step_size": step_size, "nbeta": nbeta,
-        "localization": localization,
+        "key": validation.key_data(key), "n": n,
+        "step_size": "calibration" if isinstance(step_size, Calibration) else step_size,
+        "nbeta": nbeta, "localization": localization, "sampler": sampler,
+        "eval_data": None if eval_data is None else validation.check_data(eval_data, "eval_data"),
+        "param_mask": param_mask if param_mask is None or isinstance(param_mask, str) else "pytree",
+        **settings_lib.to_dict(run), **settings_lib.to_dict(precision),
+        "auto": settings_lib.to_dict(auto) if calibrated else None,
+        "calibrate_at": calibrate_at if calibrated else None,
     }
-    for name in _SAMPLER_SETTINGS:
-        value = sampler_settings.get(name, defaults[name].default)
-        if name == "sampler":
-            value = get_kernel(value).name
-        elif name == "eval_data":
-            value = None if value is None else validation.check_data(value, "eval_data")
-        elif name == "param_mask" and value is not None and not isinstance(value, str):
-            value = "pytree"
-        settings[name] = value
-    return settings
 
 
 def llc_trajectory(
@@ -145,7 +148,7 @@ def llc_trajectory(
     data,
     key,
     *,
-    step_size: float,
+    step_size,
     localization: float | None = None,
     nbeta: float | None = None,
     item: str | None = None,
@@ -156,7 +159,16 @@ def llc_trajectory(
     on_row: Callable[[dict], None] | None = None,
     prefetch: bool = True,
     progress: bool = True,
-    **sampler_settings,
+    sampler="sgld",
+    eval_data=None,
+    param_mask=None,
+    mesh=None,
+    devices=None,
+    run: RunSettings | None = None,
+    auto: AutoSettings | None = None,
+    precision: Precision | None = None,
+    calibrate_at="each",
+    **options,
 ) -> LLCCurve:
     """Estimate λ̂ at every checkpoint of an Orbax training run.
 
@@ -166,11 +178,13 @@ def llc_trajectory(
     step's numbers do not depend on which other steps run, or in which session.
 
     Args:
-      checkpoint_dir: the directory given to ``orbax.checkpoint.CheckpointManager``.
+      checkpoint_dir: the directory given to ``orbax.checkpoint.CheckpointManager`` (relative,
+        ``~`` and ``gs://`` paths are accepted).
       loss_fn: ``loss_fn(params, batch) -> scalar`` mean per-sample loss.
       data: the dataset (pytree of arrays with a leading sample axis), e.g. the training set.
       key: a JAX PRNG key.
-      step_size: SGLD step size ε.
+      step_size: SGLD step size ε, ``"auto"`` (calibrated; see ``calibrate_at``), or a
+        :class:`~slt_jax.Calibration`.
       localization: γ; default ``nβ/10`` (see the module docstring: it holds chains at
         saddles whose negative curvature is below 1/10 and keeps λ̂ independent of the
         temperature scale).
@@ -183,37 +197,44 @@ def llc_trajectory(
         default the shapes stored in the first checkpoint.
       results_path: a directory where each finished step is written at once (atomically);
         a rerun with the same path skips finished steps, and refuses to continue if any
-        setting differs (see :class:`slt_jax.results_store.ResultsStore`).
+        setting differs (see :class:`slt_jax.trajectory.store.ResultsStore`).
       on_row: called with each newly computed row, after it is stored.
       prefetch: restore the next checkpoint while the current one samples.
-      progress: show a progress bar over checkpoints.
-      **sampler_settings: passed to :func:`slt_jax.estimate_llc`: ``num_chains``,
-        ``num_draws``, ``num_burnin``, ``steps_per_draw``, ``batch_size``, ``sampler``,
-        ``loss_estimator``, ``eval_data``, ``param_mask``, ``divergence_threshold``,
-        ``on_divergence``, ``chunk_size``.
+      progress: show a progress bar over checkpoints (checkpoint i/N, its step, an ETA).
+      sampler, eval_data, param_mask, mesh, devices, run, auto, precision, **options: as for
+        :func:`slt_jax.estimate_llc`.
+      calibrate_at: with a calibrated ``step_size``: ``"each"`` (calibrate at every
+        checkpoint) or a checkpoint step (calibrate once there; every row uses that
+        :class:`~slt_jax.Calibration`).
 
     Returns:
       An :class:`LLCCurve` with one row per requested step.
     """
-    unknown = sorted(set(sampler_settings) - set(_SAMPLER_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown sampler settings {unknown}; expected some of {_SAMPLER_SETTINGS}")
     checkpoint_dir = checkpoint_path(checkpoint_dir)
+    run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
+                                                (precision, Precision))
     n = validation.check_data(data)
-    validation.check_positive("step_size", step_size)
+    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
+    if not calibrated:
+        validation.check_positive("step_size", step_size)
     nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
     validation.check_positive("nbeta", nbeta)
     localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
     validation.check_positive("localization", localization, allow_zero=True)
+    sampler_name = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler).name
     available = list_steps(checkpoint_dir)
     wanted = available if steps is None else sorted({int(s) for s in steps})
     absent = [s for s in wanted if s not in available]
     if absent:
-        raise ValueError(f"steps {absent} are not finished checkpoints in {str(checkpoint_dir)!r}")
+        raise ValueError(f"steps {absent} are not finished checkpoints in {str(checkpoint_dir)!r} "
+                         f"(it holds {available})")
     if not wanted:
         raise ValueError("steps is empty")
-    settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select,
-                         sampler_settings)
+    if calibrated and calibrate_at != "each" and calibrate_at not in available:
+        raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
+                         f"{str(checkpoint_dir)!r} (it holds {available})")
+    settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
+                         eval_data, param_mask, run, auto, precision, calibrate_at)
     store = None if results_path is None else ResultsStore(results_path, settings)
     done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
     todo = [s for s in wanted if s not in done]
@@ -222,16 +243,22 @@ def llc_trajectory(
     if todo:
         if template is None:
             template = infer_template(checkpoint_dir, todo[0], item, select)
+        estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
+                        param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto,
+                        precision=precision, progress=False)
+        if calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
+            step_size = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item, select,
+                                        sampler, estimate, progress)
         trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item,
                                           select=select, steps=todo, prefetch=prefetch)
-        data = jax.device_put(data)
         with tqdm(total=len(wanted), initial=len(done), disable=None if progress else True,
                   desc="checkpoints", unit="ckpt") as bar:
             for step, params in trajectory:
-                result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step),
-                                      step_size=step_size, localization=localization, nbeta=nbeta,
-                                      progress=False, **sampler_settings)
-                row = _row(step, result, localization)
+                bar.set_postfix_str(f"step {step}")
+                result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=step_size,
+                                      **estimate)
+                where = None if not calibrated else (step if calibrate_at == "each" else calibrate_at)
+                row = llc_row(step, result, localization, where)
                 if store is not None:
                     store.write(step, row)
                 rows[step] = row
@@ -241,6 +268,18 @@ def llc_trajectory(
                 bar.update(1)
     ordered = tuple(_from_store(rows[s]) for s in wanted)
     return LLCCurve(rows=ordered, settings=settings)
+
+
+def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, select, sampler, estimate, progress):
+    """The :class:`Calibration` at checkpoint ``step``'s parameters, with the key that
+    ``estimate_llc(step_size="auto")`` would use there."""
+    _, params = next(iter(CheckpointTrajectory(checkpoint_dir, template=template, item=item, select=select,
+                                               steps=[step], prefetch=False)))
+    problem = make_problem(loss_fn, params, data, localization=estimate["localization"], nbeta=estimate["nbeta"],
+                           eval_data=estimate["eval_data"], param_mask=estimate["param_mask"], mesh=estimate["mesh"],
+                           devices=estimate["devices"], precision=estimate["precision"], run=estimate["run"])
+    return calibration_for(problem, get_kernel(sampler), estimate["run"], estimate["auto"],
+                           jax.random.fold_in(key, step), "auto", progress=progress)
 
 
 def _from_store(row: Mapping) -> dict:

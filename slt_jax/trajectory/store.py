@@ -22,40 +22,12 @@ from typing import Any
 import numpy as np
 
 from slt_jax.paths import local_path
+from slt_jax.serialization import json_safe
 
 _FORMAT = "slt-jax results store"
 _VERSION = 1
 _SETTINGS_FILE = "settings.json"
 _ROW_FILE = re.compile(r"^step_(\d+)\.json$")
-
-
-def _to_json(value: Any, where: str) -> Any:
-    """Converts `value` to plain JSON types (numpy/jax scalars and arrays included).
-
-    Raises:
-      ValueError: naming the path `where` of a value JSON cannot hold.
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, np.generic):
-        return value
-    if isinstance(value, Mapping):
-        converted = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where} has the key {key!r}; JSON keys must be strings")
-            converted[key] = _to_json(item, f"{where}[{key!r}]")
-        return converted
-    if isinstance(value, (list, tuple)):
-        return [_to_json(item, f"{where}[{index}]") for index, item in enumerate(value)]
-    if isinstance(value, np.generic) or hasattr(value, "__array__"):
-        array = np.asarray(value)
-        if array.dtype.kind in "biuf":
-            return array.tolist()
-    raise ValueError(
-        f"{where} is a {type(value).__name__}, which is not JSON-serialisable; use numbers, "
-        "strings, booleans, None, lists and dicts with string keys"
-    )
 
 
 def _canonical(value: Any) -> str:
@@ -147,7 +119,7 @@ class ResultsStore:
         if not isinstance(settings, Mapping):
             raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
         self.path = local_path(path, "results_path")
-        self.settings = _to_json(settings, "settings")
+        self.settings = json_safe(settings, keep_nonfinite=True, where="settings")
         settings_file = self.path / _SETTINGS_FILE
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"results_path {str(self.path)!r} is a file, not a directory")
@@ -195,7 +167,7 @@ class ResultsStore:
         step = int(step)
         if not isinstance(row, Mapping):
             raise ValueError(f"row must be a dict, got {type(row).__name__}")
-        converted = _to_json(row, "row")
+        converted = json_safe(row, keep_nonfinite=True, where="row")
         if converted.get("step", step) != step:
             raise ValueError(f"row['step'] is {converted['step']!r}, but step is {step}")
         _write_atomically(self._row_path(step), {"step": step, **converted})

@@ -11,12 +11,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-# Standard errors by which a trend or a negative λ̂ must be significant to count.
-CHECK_Z = 3.0
-# MALA acceptance below which a step size counts as unstable: 30 % of exact-gradient Langevin
-# proposals rejected means the step is far from the continuous-time limit (a heuristic; in
-# few dimensions a visibly biased step can still accept > 0.9, which the agreement test catches).
-MIN_MALA_ACCEPTANCE = 0.7
 STATUSES = ("ok", "biased", "unstable", "diverged", "skipped")
 
 
@@ -44,16 +38,16 @@ class StepChoice(NamedTuple):
     why: str
 
 
-def _instability(mean, se, mala) -> str | None:
+def _instability(mean, se, mala, check_z, min_mala_acceptance) -> str | None:
     """Why a group is unstable on its own, or ``None``."""
-    if mean < -CHECK_Z * se:
+    if mean < -check_z * se:
         return f"λ̂ = {mean:.3g} is significantly negative: w* is not a local minimum here"
-    if mala < MIN_MALA_ACCEPTANCE:
-        return f"MALA acceptance {mala:.2f} < {MIN_MALA_ACCEPTANCE}: far from the continuous-time limit"
+    if mala < min_mala_acceptance:
+        return f"MALA acceptance {mala:.2f} < {min_mala_acceptance}: far from the continuous-time limit"
     return None
 
 
-def _drift(trend, trend_se, ref_trend, ref_trend_se, scale, rtol) -> str | None:
+def _drift(trend, trend_se, ref_trend, ref_trend_se, scale, rtol, check_z) -> str | None:
     """Why a group's window trends unlike the reference's, or ``None``.
 
     At equal simulated time every step size sees the same relaxation of the continuous
@@ -61,14 +55,15 @@ def _drift(trend, trend_se, ref_trend, ref_trend_se, scale, rtol) -> str | None:
     see :func:`equilibration_time`); a trend of its own is the discretisation drifting away.
     """
     excess = trend - ref_trend
-    if abs(excess) > rtol * abs(scale) + CHECK_Z * math.hypot(trend_se, ref_trend_se):
+    if abs(excess) > rtol * abs(scale) + check_z * math.hypot(trend_se, ref_trend_se):
         return (f"λ̂ trends within the window unlike the smallest stable step size ({excess:+.3g} more "
                 f"from first to second half, se {math.hypot(trend_se, ref_trend_se):.2g}): drifting away")
     return None
 
 
 def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None, mala_acceptance=None,
-                     diverged=None, rtol: float = 0.05, z: float = 1.0) -> StepChoice:
+                     diverged=None, rtol: float = 0.05, z: float = 1.0, check_z: float = 3.0,
+                     min_mala_acceptance: float = 0.7) -> StepChoice:
     """Classify one setting's step sizes and pick the largest that is stable and agrees.
 
     A pure function of the per-group summaries, so the rule can be read and tested apart
@@ -93,6 +88,11 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
       diverged: diverged chains per step size (default 0).
       rtol: relative tolerance of the agreement test.
       z: standard errors added to the difference in that test.
+      check_z: standard errors by which a trend or a negative λ̂ must be significant to count.
+      min_mala_acceptance: MALA acceptance below which a step size counts as unstable: 30 % of
+        exact-gradient Langevin proposals rejected means the step is far from the
+        continuous-time limit (a heuristic; in few dimensions a visibly biased step can still
+        accept > 0.9, which the agreement test catches).
 
     Returns:
       A :class:`StepChoice`.
@@ -115,14 +115,15 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
     for g in range(k):
         if diverged[g] > 0 or not np.isfinite(mean[g]):
             status[g], reason[g] = "diverged", f"{int(diverged[g])} chain(s) diverged"
-        elif (why := _instability(mean[g], se[g], mala[g])) is not None:
+        elif (why := _instability(mean[g], se[g], mala[g], check_z, min_mala_acceptance)) is not None:
             status[g], reason[g] = "unstable", why
         elif first is None:
             status[g], reason[g] = "ok", "reference: the smallest stable step size"
             accepted.append((mean[g], se[g]))
             first = g
             continue
-        elif (why := _drift(trend[g], trend_se[g], trend[first], trend_se[first], mean[first], rtol)) is not None:
+        elif (why := _drift(trend[g], trend_se[g], trend[first], trend_se[first], mean[first], rtol,
+                            check_z)) is not None:
             status[g], reason[g] = "unstable", why
         else:
             ref, ref_se = _pooled(accepted)

@@ -4,21 +4,16 @@ At deep, highly singular points the chains leave w* on a long time scale: on a D
 widths 25-15-21-8-35-14 (rank 1, λ = 60, γ = 1, nβ = n/log n at n = 1e5) plain SGLD held
 λ̂ ≈ 19 for the first ~0.003 units of simulated time (ε × steps), then climbed and settled
 near 57 only after ~0.02 (``benchmarks/dln_accuracy.py``). Singular directions are flat to
-high order, and the chains must diffuse far along them before the loss feels it (REFERENCE.md
-§3: chains at highly singular points need longer burn-in); the plateau is the Laplace value
+high order, and the chains must diffuse far along them before the loss feels it (docs/mathematics.md
+§6: chains at highly singular points need longer burn-in); the plateau is the Laplace value
 of the quadratic part alone (:mod:`slt_jax.estimators.laplace`). A fixed budget reads the
 transient; :func:`run_until_equilibrated` records the whole run, and doubles it — up to a cap
 — until :func:`equilibration_time` finds a burn-in after which λ̂ no longer trends.
 
 No test of a finite trace can tell a long metastable plateau from equilibrium: a trace flat
-so far may still climb later. One plateau has a known level, though: chains that have only
-seen the quadratic part of L_n read its Laplace value (:mod:`slt_jax.estimators.laplace`). An 8-layer DLN
-(61-86-49-29-30-14-68-62, rank 2, λ = 268) held λ̂ at 123–126 against a Laplace value of 121
-for the first ~18k steps at its calibrated ε = 1.7e-7 — flat enough to pass the trend test
-after 1750 — and reached 270–273 only at 54–60k. So a run may also be given a ``plateau`` test: while λ̂ still
-reads the Laplace value at a point where the Hessian leaves directions unconfined, the run
-keeps doubling, up to its own (longer) cap. The caps and the tests' tolerances are recorded
-with the result.
+so far may still climb later. A run may therefore also be given a ``plateau`` test
+(:mod:`slt_jax.tuning.plateau`): while it holds, the run keeps doubling, up to its own (longer)
+cap. The caps and the tests' tolerances are recorded with the result.
 """
 
 import math
@@ -28,7 +23,6 @@ import jax
 import numpy as np
 
 from slt_jax.runner.chains import ChainInputs, Draws, RunConfig, plan_chunks, run_chains
-from slt_jax.estimators.laplace import laplace_llc
 
 # Candidate burn-ins, as fractions of the run: up to three quarters, so that the last quarter
 # of a run that settled late can serve as its draws.
@@ -73,76 +67,6 @@ def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
     return None
 
 
-# λ̂ within this fraction of the Laplace value (plus 2 standard errors) reads as the plateau.
-# Measured: plateaus sat +0.1 % (19.03 vs 19.007) and +1.5 % (122.8 vs 121) above it; the
-# nearly regular DLN 23-30-11-11-27 (λ = 186.5) read 193.3 ± 0.6 against 184.5 (+4.8 %).
-PLATEAU_RTOL = 0.03
-# Points whose Laplace value is this close to d/2 leave (almost) no direction unconfined.
-REGULAR_FRACTION = 0.9
-
-
-def laplace_plateau(laplace_llc: float, laplace_se: float, num_sampled: int,
-                    rtol: float = PLATEAU_RTOL) -> Callable | None:
-    """The ``plateau`` test of :func:`run_until_equilibrated` for a point's Laplace value.
-
-    Args:
-      laplace_llc: ½ Σ nβh/(nβh + γ) at w* (:func:`slt_jax.laplace_llc`).
-      laplace_se: its standard error (0 when exact).
-      num_sampled: the number of sampled coordinates d.
-      rtol: the relative distance from the Laplace value that still reads as the plateau.
-
-    Returns:
-      ``plateau(llc) -> bool``, True when the chains' mean λ̂ is within
-      ``rtol·laplace_llc + 2·se`` of it (se combining the chains' spread and ``laplace_se``);
-      or None when the Laplace value is at least :data:`REGULAR_FRACTION` of d/2: a (nearly)
-      regular point has no plateau to leave.
-    """
-    if not 2.0 * laplace_llc < REGULAR_FRACTION * num_sampled:
-        return None
-
-    def plateau(llc) -> bool:
-        level = _level(np.asarray(llc))
-        if level is None:
-            return False
-        mean, se = level
-        return abs(mean - laplace_llc) <= rtol * laplace_llc + 2.0 * math.hypot(se, laplace_se)
-
-    return plateau
-
-
-# The Laplace value's Hessian is that of the mean loss over this many rows; dense up to
-# LAPLACE_DENSE_PARAMS parameters (d HVPs per batch), stochastic Lanczos above.
-LAPLACE_ROWS = 8192
-LAPLACE_DENSE_PARAMS = 2048
-
-
-def plateau_check(loss_fn, params, data, *, nbeta, localization, num_sampled: int, key):
-    """The Laplace value of w* as ``estimate_llc`` records it, and the plateau test built on it.
-
-    The Hessian is that of the mean loss over :data:`LAPLACE_ROWS` rows drawn (without
-    replacement) with ``key`` and gathered to the host, so it is the same for any mesh; dense
-    up to :data:`LAPLACE_DENSE_PARAMS` parameters, stochastic Lanczos above. It assumes w* is
-    a minimum (∇L_n(w*) ≈ 0); elsewhere the plateau sits at a different level.
-
-    Returns:
-      ``(record, plateau)``: the record (``llc``, ``llc_se``, ``num_stiff``, ``method``,
-      ``rows``; or ``skipped`` and why), and :func:`laplace_plateau`'s test, or None where
-      there is none (a saddle whose quadratic posterior is improper, a nearly regular point).
-    """
-    n = jax.tree.leaves(data)[0].shape[0]
-    rows = np.sort(np.asarray(jax.random.permutation(key, n)[:LAPLACE_ROWS])) if n > LAPLACE_ROWS else np.arange(n)
-    sample = jax.tree.map(lambda x: np.asarray(x[rows]), data)  # gathered on device, then to the host
-    method = "dense" if num_sampled <= LAPLACE_DENSE_PARAMS else "lanczos"
-    try:
-        value = laplace_llc(loss_fn, params, sample, localization=localization, nbeta=nbeta, method=method,
-                            key=jax.random.fold_in(key, 1))
-    except (ValueError, jax.errors.JaxRuntimeError) as err:  # a saddle (improper posterior), out of memory
-        return {"skipped": str(err).splitlines()[0]}, None
-    record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,
-              "rows": int(rows.size)}
-    return record, laplace_plateau(value.llc, value.llc_se, num_sampled)
-
-
 def _spread_se(draws) -> float:
     """Standard error of one chain's mean from its draws' spread, ignoring autocorrelation."""
     return float(np.std(draws, ddof=1) / math.sqrt(draws.size))
@@ -180,7 +104,7 @@ class Equilibrated(NamedTuple):
     chunk_size: int | None = None
 
 
-def _level(llc):
+def level(llc):
     """Mean λ̂ of ``(chains, draws)`` and its standard error from the chains' spread (None
     without draws)."""
     if llc.shape[1] == 0:
@@ -190,12 +114,12 @@ def _level(llc):
     return float(means.mean()), se
 
 
-def _agree(level, previous, rtol, z) -> bool:
+def _agree(current, previous, rtol, z) -> bool:
     """Two rounds' λ̂ agree: their difference plus ``z`` standard errors within ``rtol`` (a noisy
     pair cannot agree by being noisy)."""
-    if level is None or previous is None:
+    if current is None or previous is None:
         return False
-    (a, se_a), (b, se_b) = level, previous
+    (a, se_a), (b, se_b) = current, previous
     return abs(a - b) + z * math.hypot(se_a, se_b) <= rtol * abs(a)
 
 
@@ -266,14 +190,14 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         # A slow climb can pass the trend test where it stalls: once a run has had to be extended
         # (it trended at its plan, or sat on a plateau), it is over only when the newest
         # doubling's draws agree with the previous round's (disjoint windows).
-        newest = None if burn is None else _level(llc[healthy][:, steps > max(burn, before * spd)])
+        newest = None if burn is None else level(llc[healthy][:, steps > max(burn, before * spd)])
         steady = extensions == 0 or _agree(newest, previous, rtol, z)
         seen_plateau |= stuck
         limit = plateau_cap if seen_plateau else cap
         if (settle is not None and not stuck and steady) or done >= limit or not healthy.any():  # all diverged
             break
         # Still trending: the round's last quarter is its latest level.
-        previous = _level(tail if tail is not None else llc[healthy][:, steps > FRACTIONS[-1] * steps[-1]])
+        previous = level(tail if tail is not None else llc[healthy][:, steps > FRACTIONS[-1] * steps[-1]])
         target = min(2 * done, limit)
         extensions += 1
     equilibrated = settle is not None and not stuck and steady

@@ -14,20 +14,18 @@ are when a run ends, and continues the same chains at a halved step until it hol
 import warnings
 from typing import Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slt_jax import keys
+from slt_jax.curvature import chain_stiffness
 from slt_jax.errors import CalibrationWarning
 from slt_jax.runner.chains import ChainInputs, RunConfig
 from slt_jax.tuning.equilibration import Equilibrated, run_until_equilibrated
-from slt_jax.tuning.grid import chain_stiffness, stable_step
+from slt_jax.tuning.grid import stable_step
 
-STIFFNESS_STREAM = 2**31 - 16  # fold_in(key, · + k) for the k-th stiffness check at the chains
-# The check applies to the kernels whose step size is ε itself (no preconditioner); a run is
-# continued at a smaller step at most MAX_STEP_REDUCTIONS times.
+# The check applies to the kernels whose step size is ε itself (no preconditioner).
 STEP_CHECKED_KERNELS = ("sgld", "sgld_rademacher")
-MAX_STEP_REDUCTIONS = 4
 
 
 class StepChecked(NamedTuple):
@@ -54,13 +52,13 @@ class StepChecked(NamedTuple):
 
 
 def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, step_size: float,
-                         schedule: Callable, loss_fn, data, nbeta: float, localization: float, param_mask,
-                         num_chains: int, num_burnin: int, num_draws: int, **equilibrate) -> StepChecked:
+                         schedule: Callable, problem, max_step_reductions: int, num_chains: int, num_burnin: int,
+                         num_draws: int, **equilibrate) -> StepChecked:
     """:func:`~slt_jax.equilibration.run_until_equilibrated`, then, while ε exceeds the grid's
     rule ``1/(nβh + γ)`` at the chains' positions (h the largest Hessian eigenvalue of the
-    healthy chains, :func:`~slt_jax.step_grid.chain_stiffness`), the same chains continue at ε
+    healthy chains, :func:`~slt_jax.curvature.chain_stiffness`), the same chains continue at ε
     halved as often as that takes, with the schedule for the new step, their burn-in and draws
-    read afresh (at most :data:`MAX_STEP_REDUCTIONS` times; then a ``CalibrationWarning``).
+    read afresh (at most ``max_step_reductions`` times; then a ``CalibrationWarning``).
     Kernels other than :data:`STEP_CHECKED_KERNELS` run once, unchecked.
 
     Args:
@@ -69,8 +67,9 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
       step_size: the calibrated ε.
       schedule: ``schedule(step_size) -> (num_burnin, num_draws)`` at least the caller's
         minimums (the calibration's simulated time at that step).
-      loss_fn, data, param_mask: for the Hessian at the chains.
-      nbeta, localization: nβ and γ.
+      problem: the :class:`~slt_jax.problem.Problem` (its loss, data, mask, nβ and γ give the
+        Hessian at the chains and the rule).
+      max_step_reductions: how often the step may be halved.
       num_chains, num_burnin, num_draws: as for ``run_until_equilibrated`` (the first segment).
       **equilibrate: the rest of ``run_until_equilibrated``'s settings.
 
@@ -90,18 +89,19 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
         if not checked or not healthy.any():
             break
         # Every chain is measured (one program whatever diverged); the healthy ones count.
-        h = float(np.max(chain_stiffness(loss_fn, state.kernel_state.position, data,
-                                         jax.random.fold_in(key, STIFFNESS_STREAM + len(checks)),
-                                         param_mask=param_mask)[healthy]))
+        h = float(np.max(chain_stiffness(problem.user_loss_fn, state.kernel_state.position, problem.data,
+                                         keys.stream(key, keys.STIFFNESS, len(checks)),
+                                         param_mask=problem.mask)[healthy]))
+        nbeta, localization = problem.nbeta, problem.localization
         smaller = stable_step(step_size, h, nbeta=nbeta, localization=localization)
         checks.append({"after_steps": start, "step_size": step_size, "stiffness": h,
                        "limit": 1.0 / (nbeta * h + localization), "steps": run.num_steps,
                        "extensions": run.extensions, "plateau": run.plateau})
         if smaller == step_size:
             break
-        if len(checks) > MAX_STEP_REDUCTIONS:
+        if len(checks) > max_step_reductions:
             warnings.warn(f"the chains still sit where the Hessian's scale h = {h:.4g} calls for a step size "
-                          f"below {smaller:.3g} after {MAX_STEP_REDUCTIONS} reductions to {step_size:.3g}: "
+                          f"below {smaller:.3g} after {max_step_reductions} reductions to {step_size:.3g}: "
                           f"λ̂ may read high (SGLD step bias); pass a smaller step_size", CalibrationWarning,
                           stacklevel=3)
             break

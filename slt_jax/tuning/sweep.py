@@ -57,37 +57,23 @@ import math
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from slt_jax.runner import divergence as divergence_lib
-from slt_jax import masks, validation
-from slt_jax.runner import sharding
-from slt_jax.runner.chains import ChainInputs, RunConfig, run_chains
-from slt_jax.tuning.equilibration import equilibration_time
+from slt_jax import keys, settings, validation
 from slt_jax.errors import CalibrationError, CalibrationWarning
 from slt_jax.estimators.diagnostics import mcse_mean
-from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.paths import local_path
-from slt_jax.plots import plot_llc_vs_step_size
-from slt_jax.data.batches import full_batch_loss
-from slt_jax.posterior import LocalPosterior, default_nbeta
-from slt_jax.results import dump_json, json_safe
+from slt_jax.posterior import default_nbeta
+from slt_jax.problem import make_problem
+from slt_jax.serialization import dump_json, json_safe
+from slt_jax.runner import sharding
+from slt_jax.runner.chains import run_chains, setup
 from slt_jax.samplers import get_kernel
+from slt_jax.samplers.mala import mala_acceptance
+from slt_jax.settings import Precision, RunSettings, SweepSettings
 from slt_jax.tuning.choice import choose_step_size
+from slt_jax.tuning.equilibration import equilibration_time
 from slt_jax.tuning.grid import default_step_sizes
-
-DEFAULT_BATCH_SIZE = 256
-# Draws the largest step size gets in its window, at least (sets the draw spacing).
-MIN_WINDOW_DRAWS = 20
-# The Metropolis check runs where a full-batch pass is cheap: n·d at most this.
-MALA_BUDGET = 5e7
-# ``estimate_llc(step_size="auto")`` calibrates with ``fold_in(key, CALIBRATION_STREAM)``: no
-# chain index of the estimate itself reaches it, so the sweep's random numbers are its own.
-CALIBRATION_STREAM = 2**31 - 1
-
-_full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
-
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
@@ -210,6 +196,8 @@ class Calibration:
         if not rows:
             raise ValueError("no group of this setting has a finite λ̂ to plot (every chain diverged)")
         se = np.nan_to_num(self.llc_se[rows], nan=0.0, posinf=0.0)
+        from slt_jax.plots import plot_llc_vs_step_size  # matplotlib only when plotting
+
         fig = plot_llc_vs_step_size(self.step_sizes[rows], self.llc_mean[rows], se,
                                     chosen=choice["step_size"], reference=reference)
         ax = fig.axes[0]
@@ -254,30 +242,10 @@ def _se(draws) -> float:
     return max(spread, mcse) if np.isfinite(mcse) else spread
 
 
-def calibrate(
-    loss_fn,
-    params,
-    data,
-    key,
-    *,
-    localization,
-    step_sizes=None,
-    nbeta=None,
-    num_chains: int = 4,
-    num_steps: int = 6000,
-    burnin_fraction: float = 0.5,
-    batch_size: int | None = None,
-    sampler="sgld",
-    param_mask=None,
-    rtol: float = 0.05,
-    z: float = 1.0,
-    divergence_threshold: float | None = None,
-    mala: bool | None = None,
-    mesh=None,
-    devices=None,
-    chunk_size: int | None = None,
-    progress: bool = True,
-) -> Calibration:
+def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbeta=None, sampler="sgld",
+              param_mask=None, mesh=None, devices=None, sweep: SweepSettings | None = None,
+              run: RunSettings | None = None, precision: Precision | None = None, progress: bool = True,
+              **options) -> Calibration:
     """Sweep step sizes (and optionally nβ, γ) in one program and recommend a step size.
 
     Every group of ``num_chains`` chains starts at w* and samples the localized posterior
@@ -295,101 +263,82 @@ def calibrate(
       step_sizes: the ε to try (shared by every (nβ, γ) setting); default a grid per
         setting from :func:`default_step_sizes`.
       nbeta: nβ, or a sequence to sweep; default ``n / log n``.
-      num_chains: chains per group (more chains sharpen the agreement test: with few, the
-        rule falls back to smaller step sizes, which costs time but not accuracy).
-      num_steps: steps of the program, i.e. of each setting's smallest step size; its
-        simulated time ``T = num_steps · ε_min`` is every group's.
-      burnin_fraction: the part of T before the window (burn-in), in (0, 1).
-      batch_size: gradient minibatch rows; default ``min(256, n)``.
       sampler: an SGLD-family sampler name or :class:`~slt_jax.samplers.KernelFactory`.
       param_mask: sample only some parameters (see :func:`slt_jax.estimate_llc`).
-      rtol: relative tolerance: a step size agrees when ``|Δλ̂| + z·se(Δλ̂) ≤ rtol·|λ̂_ref|``.
-      z: standard errors added to the difference in that test.
-      divergence_threshold: runaway bound on ``nβ·(L_B − L_n(w*))``; default per nβ as in
-        :func:`slt_jax.divergence.default_threshold`.
-      mala: run the Metropolis acceptance check (plain SGLD only); default when
-        ``n·d ≤ 5e7`` and the data are not split over devices.
       mesh, devices: how the chains are split over devices (see :func:`slt_jax.estimate_llc`).
-      chunk_size: steps per compiled chunk.
+      sweep: the sweep's :class:`~slt_jax.settings.SweepSettings` (chains per step size,
+        steps, window, agreement tolerance, Metropolis check, grid).
+      run: :class:`~slt_jax.settings.RunSettings`; the sweep uses its ``batch_size``,
+        ``chunk_size`` and ``divergence_threshold``.
+      precision: :class:`~slt_jax.settings.Precision` (e.g. ``dtype=jnp.float64``).
       progress: show a progress bar.
+      **options: fields of those settings as keywords (``num_chains``, ``num_steps``, ``rtol``,
+        ``batch_size``, ``dtype``, …; a name in :class:`~slt_jax.settings.SweepSettings` refers
+        to the sweep).
 
     Returns:
       A :class:`Calibration`.
     """
-    n = validation.check_data(data)
-    validation.check_params(params)
+    sweep, run, precision = settings.resolve(options, (sweep, SweepSettings), (run, RunSettings),
+                                             (precision, Precision))
     localizations = _values("localization", localization, allow_zero=True)
-    nbetas = [default_nbeta(n) if n > 1 else 1.0] if nbeta is None else _values("nbeta", nbeta)
-    validation.check_positive("num_chains", num_chains, integer=True)
-    validation.check_positive("num_steps", num_steps, integer=True)
-    if not 0 < burnin_fraction < 1:
-        raise ValueError(f"burnin_fraction must lie in (0, 1), got {burnin_fraction!r}")
-    validation.check_positive("rtol", rtol)
-    validation.check_positive("z", z, allow_zero=True)
-    batch_size = min(DEFAULT_BATCH_SIZE, n) if batch_size is None else batch_size
-    validation.check_positive("batch_size", batch_size, integer=True)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset (n={n})")
-    kernel = get_kernel(sampler)
+    n = validation.check_data(data)
+    nbetas = [default_nbeta(n)] if nbeta is None else _values("nbeta", nbeta)
     if step_sizes is not None:
         step_sizes = sorted(_values("step_sizes", step_sizes))
         if len(set(step_sizes)) != len(step_sizes):
             raise ValueError(f"step_sizes has repeated values: {step_sizes}")
-    mesh = sharding.resolve_mesh(mesh, devices)
+    validation.key_data(key)
+    problem = make_problem(loss_fn, params, data, localization=localizations[0], nbeta=nbetas[0],
+                           param_mask=param_mask, mesh=mesh, devices=devices, precision=precision, run=run)
+    return run_sweep(problem, get_kernel(sampler), run, sweep, key, nbetas=nbetas, localizations=localizations,
+                     step_sizes=step_sizes, progress=progress)
 
-    params = jax.tree.map(jnp.asarray, params)
-    mask = masks.resolve_mask(param_mask, params)
-    num_sampled = masks.num_sampled(mask, params)
-    first = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
-    validation.check_loss_fn(loss_fn, params, first)
-    reference = _full_batch_loss(loss_fn, params, data, batch_size)
-    if not np.isfinite(float(reference.mean)):
-        raise ValueError(f"loss_fn is not finite at params (L_n(w*) = {float(reference.mean)})")
-    if divergence_threshold is not None:
-        validation.check_positive("divergence_threshold", divergence_threshold)
+
+def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, nbetas, localizations,
+              step_sizes=None, progress=True) -> Calibration:
+    """The sweep of :func:`calibrate` on a prepared :class:`~slt_jax.problem.Problem` (also what
+    ``step_size="auto"`` runs): one chain group per (nβ, γ, ε), one compiled program."""
+    n, num_chains, num_steps = problem.n, sweep.num_chains, sweep.num_steps
     key_grid, key_chains, key_mala = jax.random.split(key, 3)
 
     # Groups: for each (nβ, γ) setting, its step sizes in increasing order.
-    settings = list(itertools.product(nbetas, localizations))
+    setting_pairs = list(itertools.product(nbetas, localizations))
     groups = []  # (setting index, ε, nβ, γ)
-    for s, (nb, gamma) in enumerate(settings):
+    for s, (nb, gamma) in enumerate(setting_pairs):
         grid = step_sizes if step_sizes is not None else default_step_sizes(
-            loss_fn, params, data, key_grid, nbeta=nb, localization=gamma, param_mask=param_mask)
+            problem.user_loss_fn, problem.params, problem.data, key_grid, nbeta=nb, localization=gamma,
+            param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor)
         groups += [(s, float(eps), nb, gamma) for eps in grid]
-    total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(settings))]
-    window_start = [burnin_fraction * t for t in total_time]
+    total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(setting_pairs))]
+    window_start = [sweep.burnin_fraction * t for t in total_time]
     shortest = min((total_time[s] - window_start[s]) / eps for s, eps, _, _ in groups)
-    if shortest < 2 * MIN_WINDOW_DRAWS:
+    if shortest < 2 * sweep.min_window_draws:
         raise ValueError(
             f"num_steps={num_steps} leaves the largest step size only {shortest:.0f} steps in its window "
             f"(simulated time [T_b, T] / ε): raise num_steps above "
-            f"{math.ceil(num_steps * 2 * MIN_WINDOW_DRAWS / shortest)} or narrow step_sizes")
-    steps_per_draw = max(1, int(shortest // MIN_WINDOW_DRAWS))
+            f"{math.ceil(num_steps * 2 * sweep.min_window_draws / shortest)} or narrow step_sizes")
+    steps_per_draw = max(1, int(shortest // sweep.min_window_draws))
 
     num_groups = len(groups)
-    per_chain = lambda values: jnp.repeat(jnp.asarray(values, jnp.float32), num_chains)
-    thresholds = [divergence_threshold if divergence_threshold is not None else
-                  divergence_lib.default_threshold(num_sampled, nb, float(reference.batch_std))
-                  for _, _, nb, _ in groups]
-    config = RunConfig(loss_fn, kernel, batch_size, steps_per_draw, "control_variate", batch_size, mesh)
-    inputs = ChainInputs(
-        step_size=per_chain([g[1] for g in groups]),
-        posterior=LocalPosterior(params, per_chain([g[2] for g in groups]), per_chain([g[3] for g in groups]),
-                                 mask),
-        divergence=divergence_lib.Divergence(reference.mean, per_chain(thresholds)),
-        data=data,
-        eval_data=None,
-    )
+    per_chain = lambda values: np.repeat(np.asarray(values, np.float64), num_chains)
+    thresholds = [problem.divergence_threshold(run, nb) for _, _, nb, _ in groups]
+    sweep_run = dataclasses.replace(run, num_chains=num_groups * num_chains, steps_per_draw=steps_per_draw,
+                                    loss_estimator="control_variate")
+    config, inputs = setup(problem, kernel, sweep_run, per_chain([g[1] for g in groups]),
+                           nbeta=per_chain([g[2] for g in groups]), localization=per_chain([g[3] for g in groups]),
+                           threshold=per_chain(thresholds))
     state, draws = run_chains(key_chains, config, inputs, num_chains=num_groups * num_chains, num_burnin=0,
-                              num_draws=math.ceil(num_steps / steps_per_draw), chunk_size=chunk_size,
+                              num_draws=math.ceil(num_steps / steps_per_draw), chunk_size=run.chunk_size,
                               progress=progress)
     llc_all = (np.asarray(draws.batch_loss, np.float64) - np.asarray(draws.center_loss, np.float64))
     llc_all = llc_all * np.repeat([g[2] for g in groups], num_chains)[:, None]
     draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
     diverged_at = np.asarray(state.diverged_at).reshape(num_groups, num_chains)
 
+    mala = sweep.mala
     if mala is None:
-        mala = n * num_sampled <= MALA_BUDGET and sharding.axis_size(mesh, sharding.DATA) == 1
+        mala = n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
     mala = bool(mala) and kernel.name == "sgld"
     positions = state.kernel_state.position
 
@@ -412,11 +361,11 @@ def calibrate(
                        trend_se=math.hypot(_se(good[:, :half]), _se(good[:, half:])))
             if mala:
                 chain_positions = jax.tree.map(lambda x: x[chains], positions)
-                posterior = LocalPosterior(params, jnp.float32(nb), jnp.float32(gamma), mask)
+                posterior = problem.posterior(nb, gamma)
                 # One block of n rows: within the n·d budget, and a much smaller program. Every
                 # chain of the group is checked (one program for any number of diverged ones);
                 # only the healthy ones count.
-                rates = mala_acceptance(loss_fn, data, posterior, chain_positions,
+                rates = mala_acceptance(problem.loss_fn, problem.data, posterior, chain_positions,
                                         jax.random.fold_in(key_mala, g), step_size=eps, num_steps=16,
                                         batch_size=n)
                 row["mala"] = float(np.mean(rates[healthy]))
@@ -424,13 +373,14 @@ def calibrate(
 
     status, reason = [None] * num_groups, [None] * num_groups
     choices = []
-    for s, (nb, gamma) in enumerate(settings):
+    for s, (nb, gamma) in enumerate(setting_pairs):
         members = [g for g in range(num_groups) if groups[g][0] == s]
         column = lambda name: [rows[g][name] for g in members]
         verdict = choose_step_size(
             [groups[g][1] for g in members], column("mean"), column("se"), trend=column("trend"),
             trend_se=column("trend_se"), mala_acceptance=column("mala"), diverged=column("diverged"),
-            rtol=rtol, z=z)
+            rtol=sweep.rtol, z=sweep.z, check_z=sweep.check_z,
+            min_mala_acceptance=sweep.min_mala_acceptance)
         for g, st, why in zip(members, verdict.status, verdict.reason):
             status[g], reason[g] = st, why
         choice = {"nbeta": nb, "localization": gamma, "step_size": verdict.step_size, "reason": verdict.why,
@@ -444,7 +394,7 @@ def calibrate(
             chains = slice(probe * num_chains, (probe + 1) * num_chains)
             run_time = num_steps * groups[probe][1]
             settle = equilibration_time(llc_all[chains][diverged_at[probe] < 0], draw_steps * groups[probe][1],
-                                        rtol=rtol, z=z)
+                                        rtol=sweep.rtol, z=sweep.z)
             choice["equilibration_probe"] = groups[probe][1]
             if settle is None:
                 choice.update(burnin_time=max(window_start[s], run_time), reason=verdict.why + (
@@ -464,9 +414,8 @@ def calibrate(
         diverged_chains=np.array([r["diverged"] for r in rows]),
         window_draws=np.array([r["window_draws"] for r in rows]),
         status=tuple(status), reason=tuple(reason), choices=tuple(choices),
-        settings={"num_chains": num_chains, "num_steps": num_steps, "burnin_fraction": burnin_fraction,
-                  "steps_per_draw": steps_per_draw, "batch_size": batch_size, "sampler": kernel.name,
-                  "rtol": rtol, "z": z, "mala": mala, "n": n, "num_sampled": num_sampled,
-                  "default_grid": step_sizes is None,
-                  "divergence_threshold": divergence_threshold},
+        settings={**settings.to_dict(sweep), "mala": mala, "steps_per_draw": steps_per_draw,
+                  "batch_size": problem.batch_size, "sampler": kernel.name, "n": n,
+                  "num_sampled": problem.num_sampled, "default_grid": step_sizes is None,
+                  "divergence_threshold": run.divergence_threshold, "dtype": str(problem.precision.dtype)},
     )

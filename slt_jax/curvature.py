@@ -1,0 +1,232 @@
+"""Curvature of the loss: Hessian-vector products, power iteration and Lanczos, in one place.
+
+Every step-size rule in slt-jax rests on the Hessian of L: SGLD on the localized posterior is
+linearly stable for ε < 4/(nβ·h + γ), h its largest eigenvalue (docs/mathematics.md §3), and the
+Laplace value ½·Σ nβh_i/(nβh_i + γ) is a function of its whole spectrum (§5). This module holds
+the one HVP (forward-over-reverse), the one power iteration (the calibration grid at w*, the
+stiffness check at the chains' positions, the free-energy ladder's step rule) and the Lanczos
+recursion behind :func:`slt_jax.laplace_llc`'s stochastic quadrature.
+"""
+
+import collections
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from slt_jax import masks, validation
+from slt_jax.data.batches import full_batch_loss, minibatch
+
+# Rows of the probe batch on which h is measured, and power iterations per estimate.
+PROBE_ROWS = 4096
+POWER_ITERATIONS = 30
+# A Lanczos residual β ≤ BREAKDOWN_EPS·eps·‖Hess q‖ (the largest seen) is a breakdown: the
+# Krylov space is invariant to within what HVPs in that dtype resolve. A missed breakdown costs
+# nothing (the reorthogonalised residual starts a decoupled block, whose weight in the quadrature
+# is O(β²)); a false one truncates the quadrature, so the threshold sits near rounding level.
+BREAKDOWN_EPS = 100.0
+
+
+def hvp(loss, position, tangent):
+    """``Hess loss(position) · tangent`` by forward-over-reverse differentiation (pytrees)."""
+    return jax.jvp(jax.grad(loss), (position,), (tangent,))[1]
+
+
+def _tree_dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def top_eigenvalue(loss, position, probe, mask=None, num_iters: int = POWER_ITERATIONS):
+    """|largest eigenvalue| of ``Hess loss(position)`` on the coordinates of ``mask``.
+
+    Power iteration from ``probe``: ``‖H·u_k‖`` with ``u_k`` the normalised k-th iterate, which
+    approaches |h_max| from below (traced; use inside jit).
+    """
+    masked = (lambda u: u) if mask is None else (lambda u: jax.tree.map(jnp.multiply, u, mask))
+    product = lambda u: masked(hvp(loss, position, masked(u)))
+
+    def body(u, _):
+        hu = product(u)
+        norm = jnp.sqrt(_tree_dot(hu, hu))
+        return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), hu), norm
+
+    _, norms = lax.scan(body, masked(probe), None, length=num_iters)
+    return norms[-1]
+
+
+@partial(jax.jit, static_argnames=("loss_fn",))
+def curvatures(loss_fn, batch, positions, probe, mask):
+    """h of ``L_B`` at each of ``positions`` (a params pytree with a leading axis of 2): one
+    program per model, shared by the calibration grid (w* and a typical point) and the chains
+    (two at a time)."""
+    top = lambda position: top_eigenvalue(lambda p: loss_fn(p, batch), position, probe, mask)
+    return jax.vmap(top)(positions)
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "batch_size"))
+def _full_batch_top(loss_fn, params, data, probe, mask, batch_size):
+    return top_eigenvalue(lambda p: full_batch_loss(loss_fn, p, data, batch_size).mean, params, probe, mask)
+
+
+def full_batch_top_eigenvalue(loss_fn, params, data, key, *, mask=None, batch_size: int) -> float:
+    """|largest Hessian eigenvalue| of the exact ``L_n`` at ``params`` on the coordinates of
+    ``mask`` (power iteration, ``L_n`` over ``batch_size``-row chunks); 0 where it vanishes."""
+    probe = normal_like(key, params)
+    return float(_full_batch_top(loss_fn, params, data, probe, mask, batch_size))
+
+
+_probe_batch = jax.jit(minibatch, static_argnums=2)
+
+
+def probe_batch(key, data):
+    """Up to :data:`PROBE_ROWS` rows drawn with replacement: the batch h is measured on."""
+    return _probe_batch(key, data, min(validation.check_data(data), PROBE_ROWS))
+
+
+@jax.jit
+def normal_like(key, tree):
+    """Standard normals shaped like ``tree``, drawn as one flat vector: one small compiled
+    program per model (a draw per leaf compiled ~0.3 s for each distinct leaf shape on CPU)."""
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
+
+
+def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.ndarray:
+    """h at each chain's position: |largest Hessian eigenvalue| of ``L_B`` there (power
+    iteration on a probe batch of up to 4096 rows, the grid's own estimate).
+
+    :func:`slt_jax.tuning.grid.default_step_sizes` places its grid with h estimated near w*; chains that leave a
+    singular point along its flat directions can reach much stiffer ground. On the 8-layer
+    DLN 61-86-49-29-30-14-68-62 of ``benchmarks/dln_accuracy.py`` h was 305 at w* and 1130–1220
+    at the four chains after they left the Laplace plateau at ε = 3.2e-7 (ε·(nβh + γ) ≈ 3.2,
+    near SGLD's linear stability limit 4, where the stiffest direction's variance is ~5× its
+    own): λ̂ kept rising past λ = 268 (+37 % at the end of the run), while continuing the same
+    chains at ε/2 held it near 285.
+
+    Args:
+      loss_fn, data: as in :func:`slt_jax.calibrate`.
+      positions: the chains' positions, a params pytree with a leading chain axis.
+      key: PRNG key for the probe batch and the power iteration's start.
+      param_mask: as in :func:`slt_jax.estimate_llc` (curvature on the sampled coordinates).
+
+    Returns:
+      h per chain, ``(chains,)``.
+    """
+    n = validation.check_data(data)
+    key_batch, key_power = jax.random.split(key)
+    batch = _probe_batch(key_batch, data, min(n, PROBE_ROWS))
+    # On the host: uncommitted like the grid's arguments, so the grid's compiled program serves
+    # the chains two at a time whatever mesh they ran on.
+    host = jax.device_get(positions)
+    center = jax.tree.map(lambda x: jnp.asarray(x[0]), host)
+    mask = masks.resolve_mask(param_mask, center)
+    mask = jax.tree.map(jnp.ones_like, center) if mask is None else mask
+    probe = normal_like(key_power, center)
+    num_chains = jax.tree.leaves(positions)[0].shape[0]
+    pairs = [jax.tree.map(lambda x: x[[i, min(i + 1, num_chains - 1)]], host) for i in range(0, num_chains, 2)]
+    h = [np.asarray(curvatures(loss_fn, batch, pair, probe, mask), np.float64) for pair in pairs]
+    return np.concatenate(h)[:num_chains]
+
+
+def _lanczos_program(loss_fn, unravel, n: int, batch_size: int, num_full: int, rest: int, num_steps: int):
+    """A jitted ``(w, probes, full, last) -> (alphas, betas)``: Lanczos on Hess L_n(w) from each probe.
+
+    ``full`` holds ``num_full`` stacked batches of ``batch_size`` rows, ``last`` the ``rest``
+    remaining rows; the HVP is their row-weighted mean. ``alphas``/``betas`` are
+    ``(num_steps, probes)``; after a breakdown both are 0.
+    """
+    highest = lax.Precision.HIGHEST  # no TF32 in the reorthogonalisation
+
+    def batch_hvp(w, vectors, batch):
+        # The primal (w, batch) is shared by the vmapped tangents.
+        return jax.vmap(lambda v: hvp(lambda u: loss_fn(unravel(u), batch), w, v))(vectors)
+
+    def mean_hvp(w, vectors, full, last):
+        total = jnp.zeros_like(vectors)
+        if num_full:
+            total = lax.scan(lambda acc, batch: (acc + batch_hvp(w, vectors, batch), None), total, full)[0]
+            total = total * batch_size
+        if rest:
+            total = total + rest * batch_hvp(w, vectors, last)
+        return total / n
+
+    def run(w, probes, full, last):
+        tol = BREAKDOWN_EPS * float(jnp.finfo(probes.dtype).eps)
+        count = probes.shape[0]
+
+        def step(carry):
+            j, basis, q, q_prev, beta_prev, scale, alphas, betas = carry
+            basis = basis.at[j].set(q)
+            hq = mean_hvp(w, q, full, last)
+            scale = jnp.maximum(scale, jnp.linalg.norm(hq, axis=1))  # ≤ ‖Hess‖, the rounding scale
+            alpha = jnp.sum(q * hq, axis=1)
+            r = hq - alpha[:, None] * q - beta_prev[:, None] * q_prev
+            for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+                coeffs = jnp.einsum("mcd,cd->mc", basis, r, precision=highest)
+                r = r - jnp.einsum("mc,mcd->cd", coeffs, basis, precision=highest)
+            beta = jnp.linalg.norm(r, axis=1)
+            alive = beta > tol * scale  # else: breakdown (or q = 0 after one)
+            beta = jnp.where(alive, beta, 0.0)
+            q_next = jnp.where(alive[:, None], r / jnp.where(alive, beta, 1.0)[:, None], 0.0)
+            return j + 1, basis, q_next, q, beta, scale, alphas.at[j].set(alpha), betas.at[j].set(beta)
+
+        def going(carry):  # until num_steps, or until every probe has broken down
+            j, q = carry[0], carry[2]
+            return (j < num_steps) & jnp.any(q != 0)
+
+        zeros = jnp.zeros((count,), probes.dtype)
+        init = (0, jnp.zeros((num_steps,) + probes.shape, probes.dtype),
+                probes / jnp.linalg.norm(probes, axis=1, keepdims=True), jnp.zeros_like(probes), zeros, zeros,
+                jnp.zeros((num_steps, count), probes.dtype), jnp.zeros((num_steps, count), probes.dtype))
+        alphas, betas = lax.while_loop(going, step, init)[-2:]
+        return alphas, betas
+
+    return jax.jit(run)
+
+
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_PROGRAMS = 8
+
+
+def _cached_program(loss_fn, flat, unravel, *static):
+    """:func:`_lanczos_program`, reused by later calls with the same loss_fn, parameter layout
+    and row/step counts (a new program per call would recompile each time)."""
+    layout = jax.tree.structure(unravel(flat)), tuple((x.shape, x.dtype) for x in jax.tree.leaves(unravel(flat)))
+    key = (loss_fn, layout, *static)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable loss_fn: compile for this call only
+        return _lanczos_program(loss_fn, unravel, *static)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _lanczos_program(loss_fn, unravel, *static)
+        if len(_PROGRAMS) > _MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
+
+
+
+
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_PROGRAMS = 8
+
+
+def lanczos_program(loss_fn, flat, unravel, *static):
+    """A jitted Lanczos recursion on ``Hess L_n`` (:func:`_lanczos_program`), reused by later
+    calls with the same ``loss_fn``, parameter layout and row/step counts (a new program per call
+    would recompile each time)."""
+    layout = jax.tree.structure(unravel(flat)), tuple((x.shape, x.dtype) for x in jax.tree.leaves(unravel(flat)))
+    key = (loss_fn, layout, *static)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable loss_fn: compile for this call only
+        return _lanczos_program(loss_fn, unravel, *static)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _lanczos_program(loss_fn, unravel, *static)
+        if len(_PROGRAMS) > _MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]

@@ -1,0 +1,187 @@
+"""One validated estimation problem, built once and shared by every entry point.
+
+``estimate_llc``, ``calibrate``, ``estimate_free_energy``, NUTS, the observables and every
+checkpoint of a trajectory start the same way: check the inputs (errors name the argument and
+pytree path), cast w* to the run's precision, resolve the parameter mask, place the data on the
+mesh, check ``loss_fn`` on an abstract batch, and evaluate ``L_n(w*)`` exactly over the whole
+dataset together with the spread of its batch means (docs/mathematics.md §1). :func:`make_problem`
+does it once; a :class:`Problem` carries the result.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slt_jax import masks, validation
+from slt_jax.data.batches import FullBatchLoss, full_batch_loss
+from slt_jax.posterior import LocalPosterior, default_nbeta
+from slt_jax.runner import divergence, sharding
+from slt_jax.settings import Precision, RunSettings
+
+_full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionLoss:
+    """``loss_fn`` evaluated at ``compute_dtype``, its value returned at ``dtype``.
+
+    With a ``compute_dtype`` (e.g. bfloat16) the parameters and the floating leaves of the batch
+    are cast to it before the model runs; the gradient flows back through the cast, so positions
+    and gradients stay at ``dtype``. Frozen, so equal wrappers hash alike and a second estimate
+    reuses the compiled program.
+    """
+
+    loss_fn: Callable
+    compute_dtype: Any
+    dtype: Any
+
+    def __call__(self, params, batch):
+        if self.compute_dtype is not None:
+            cast = lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+            params, batch = jax.tree.map(cast, (params, batch))
+        return self.loss_fn(params, batch).astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """A validated local-posterior problem: what every sampler needs, on device.
+
+    Attributes:
+      loss_fn: the user's loss at the run's precision (:class:`PrecisionLoss`).
+      user_loss_fn: the user's loss as given (curvature probes run it at full precision).
+      params: w*, cast to ``precision.dtype``.
+      data: the gradient data, placed on the mesh (rows split over its ``"data"`` axis).
+      eval_data: the measurement data (placed), or ``None`` to measure on ``data``.
+      n, n_eval: rows of ``data`` and of the measurement data.
+      num_params, num_sampled: parameters in all, and those the mask leaves free.
+      mask: the 0/1 mask pytree, or ``None``.
+      param_mask: the mask as the user gave it (recorded).
+      nbeta, localization: nβ and γ.
+      batch_size, eval_batch_size: gradient minibatch rows; measurement batch rows.
+      reference: ``L_n(w*)`` on the gradient data and the spread of its batch means.
+      init_loss: ``L_n(w*)`` on the measurement data, exact (a Python float).
+      mesh: where the chains (and data) run.
+      precision: dtype and compute dtype.
+    """
+
+    loss_fn: Callable
+    user_loss_fn: Callable
+    params: Any
+    data: Any
+    eval_data: Any
+    n: int
+    n_eval: int
+    num_params: int
+    num_sampled: int
+    mask: Any
+    param_mask: Any
+    nbeta: float
+    localization: float
+    batch_size: int
+    eval_batch_size: int
+    reference: FullBatchLoss
+    init_loss: float
+    mesh: Any
+    precision: Precision
+
+    def posterior(self, nbeta=None, localization=None) -> LocalPosterior:
+        """The localized posterior at w* (nβ, γ as arrays of the run's dtype; per-chain
+        arrays allowed)."""
+        as_array = lambda x: jnp.asarray(x, self.precision.dtype)
+        return LocalPosterior(self.params, as_array(self.nbeta if nbeta is None else nbeta),
+                              as_array(self.localization if localization is None else localization), self.mask)
+
+    def divergence_threshold(self, run: RunSettings, nbeta=None) -> float:
+        """The run's runaway bound (its own, or the default for this problem at ``nbeta``)."""
+        if run.divergence_threshold is not None:
+            return float(run.divergence_threshold)
+        return divergence.default_threshold(self.num_sampled, self.nbeta if nbeta is None else nbeta,
+                                            float(self.reference.batch_std))
+
+    def measure_data(self, loss_estimator: str):
+        """The data each draw's loss is measured on: the eval data, the whole gradient data for
+        ``"full_batch"``, or ``None`` (the gradient minibatch itself)."""
+        if self.eval_data is not None:
+            return self.eval_data
+        return self.data if loss_estimator == "full_batch" else None
+
+    def record(self) -> dict:
+        """What the problem contributes to a result's settings (JSON-ready)."""
+        mask = self.param_mask
+        return {
+            "localization": self.localization, "nbeta": self.nbeta, "batch_size": self.batch_size,
+            "eval_data": self.eval_data is not None, "n": self.n, "n_eval": self.n_eval,
+            "num_params": self.num_params, "num_sampled": self.num_sampled,
+            "param_mask": mask if mask is None or isinstance(mask, str) else getattr(mask, "name", "pytree"),
+            "dtype": str(self.precision.dtype),
+            "compute_dtype": None if self.precision.compute_dtype is None else str(self.precision.compute_dtype),
+            "devices": sharding.devices_of(self.mesh), "mesh": dict(self.mesh.shape),
+            "jax_version": jax.__version__,
+        }
+
+
+def make_problem(loss_fn, params, data, *, localization, nbeta=None, eval_data=None, param_mask=None,
+                 mesh=None, devices=None, precision: Precision | None = None, run: RunSettings | None = None,
+                 allow_zero_localization: bool = True) -> Problem:
+    """Validate the inputs of an estimate and prepare them on device.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean per-sample loss over ``batch``.
+      params: w*, a pytree of float arrays.
+      data: a pytree of arrays sharing a leading axis of length n.
+      localization: γ ≥ 0 (> 0 where ``allow_zero_localization`` is False).
+      nbeta: nβ; default ``n / log n``.
+      eval_data: optional measurement dataset (data-refined LLC).
+      param_mask: which parameters are sampled (see :func:`slt_jax.masks.resolve_mask`).
+      mesh, devices: where the chains run (:func:`slt_jax.make_mesh`).
+      precision: dtype and compute dtype (default float32).
+      run: the run's settings (batch size and divergence policy are read here).
+      allow_zero_localization: whether γ = 0 is allowed.
+
+    Returns:
+      A :class:`Problem`.
+    """
+    precision = Precision() if precision is None else precision
+    run = RunSettings() if run is None else run
+    precision.check_runtime()
+    n = validation.check_data(data)
+    num_params = validation.check_params(params)
+    validation.check_positive("localization", localization, allow_zero=allow_zero_localization)
+    nbeta = default_nbeta(n) if nbeta is None else nbeta
+    validation.check_positive("nbeta", nbeta)
+    batch_size = run.batch_size_for(n)
+    mesh = sharding.resolve_mesh(mesh, devices)
+    sharding.check_data_split(mesh, n, batch_size)
+    dtype = precision.dtype
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    mask = masks.resolve_mask(param_mask, params)
+    num_sampled = masks.num_sampled(mask, params)
+    data = sharding.put_data(data, mesh)
+    validation.check_loss_fn(loss_fn, params, _abstract_batch(data, batch_size))
+    n_eval, eval_batch_size = n, batch_size
+    if eval_data is not None:
+        n_eval = validation.check_data(eval_data, "eval_data")
+        eval_batch_size = min(batch_size, n_eval)
+        sharding.check_data_split(mesh, n_eval, eval_batch_size, "eval_data")
+        eval_data = sharding.put_data(eval_data, mesh)
+        validation.check_loss_fn(loss_fn, params, _abstract_batch(eval_data, eval_batch_size), "eval_data")
+    wrapped = PrecisionLoss(loss_fn, precision.compute_dtype, dtype)
+    reference = _full_batch_loss(wrapped, params, data, batch_size)
+    measured = reference if eval_data is None else _full_batch_loss(wrapped, params, eval_data, eval_batch_size)
+    init_loss = float(measured.mean)
+    if not np.isfinite(init_loss):
+        raise ValueError(f"loss_fn is not finite at params (L_n(w*) = {init_loss}): check params and data")
+    problem = Problem(
+        loss_fn=wrapped, user_loss_fn=loss_fn, params=params, data=data, eval_data=eval_data, n=n, n_eval=n_eval,
+        num_params=num_params, num_sampled=num_sampled, mask=mask, param_mask=param_mask, nbeta=float(nbeta),
+        localization=float(localization), batch_size=batch_size, eval_batch_size=eval_batch_size,
+        reference=reference, init_loss=init_loss, mesh=mesh, precision=precision)
+    validation.check_positive("divergence_threshold", problem.divergence_threshold(run))
+    return problem
+
+
+def _abstract_batch(data, batch_size: int):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
