@@ -1,7 +1,7 @@
 """How accurate is λ̂? Random deep linear networks against Aoyagi's exact learning coefficient.
 
 The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scale*
-(arXiv:2402.03698; REFERENCE.md §3 table), with the step size chosen by
+(arXiv:2402.03698; docs/mathematics.md §5.1 table), with the step size chosen by
 ``estimate_llc(step_size="auto")`` instead of by hand:
 
   * architecture (``slt_jax.models.random_dln``): depth L ~ U{range}, each width ~ U{range};
@@ -9,7 +9,7 @@ The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scal
   * w* (``dln_teacher(kind="aligned")``): every layer of rank exactly r with aligned images,
     the most singular true parameter, where the *local* λ equals Aoyagi's global λ. (Random
     rank cuts alone can put w* on a smaller component of the fibre whose local λ is larger —
-    REFERENCE.md §3 "Local vs global"; that variant is not run here.) For r = 0 w* = 0;
+    docs/mathematics.md §5.3 "Local vs global"; that variant is not run here.) For r = 0 w* = 0;
   * data: x ~ U(−10, 10), noise-free outputs y = W_L ⋯ W_1 x (w* is an exact minimum); the
     loss is the Gaussian negative log-likelihood with σ = 1 (the MSE up to a constant);
   * sampler: SGLD, γ = 1, nβ = n / log n, batch 500, the step size calibrated per network
@@ -23,7 +23,7 @@ The protocol of Furman & Lau, *Estimating the Local Learning Coefficient at Scal
     step exceeds the grid's rule 1/(nβh + γ) there, the same chains continue at a halved step
     (the ε column then reads "final (from calibrated)"; ``stiffness`` in the row);
   * ground truth: ``dln_learning_coefficient(widths, r)``; multiplicity m > 1 adds a
-    negative finite-n correction of order (m − 1)/log(nβ) (REFERENCE.md §3), so the table
+    negative finite-n correction of order (m − 1)/log(nβ) (docs/mathematics.md §6.2), so the table
     also reports the m = 1 networks on their own, and the networks whose estimate found λ̂
     equilibrated (``settings["equilibration"]["equilibrated"]``; the others carry a
     ``CalibrationWarning``: at deep, highly singular points λ̂ can sit on a plateau and then

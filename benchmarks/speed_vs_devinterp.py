@@ -19,7 +19,7 @@ Making the work identical:
     W_s = Q_s C_s Q_{s−1}ᵀ with Q_s a 10×5 matrix of orthonormal columns and C_s a 5×5
     orthogonal matrix: every layer has rank exactly 5 and the images are aligned — the most
     singular kind of rank-5 point, where the local λ is Aoyagi's global λ = 46 (multiplicity
-    3, so finite-n estimates sit below it; REFERENCE.md §3);
+    3, so finite-n estimates sit below it; docs/mathematics.md §6.2);
   * both record the minibatch loss at w_t of the batch its gradient used (slt-jax's
     ``loss_estimator="minibatch"``, devinterp's only mode), every step from step 0;
   * devinterp 2.0.1 only takes language-model datasets: it gets the row indices as

@@ -191,29 +191,6 @@ _PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
 _MAX_PROGRAMS = 8
 
 
-def _cached_program(loss_fn, flat, unravel, *static):
-    """:func:`_lanczos_program`, reused by later calls with the same loss_fn, parameter layout
-    and row/step counts (a new program per call would recompile each time)."""
-    layout = jax.tree.structure(unravel(flat)), tuple((x.shape, x.dtype) for x in jax.tree.leaves(unravel(flat)))
-    key = (loss_fn, layout, *static)
-    try:
-        hash(key)
-    except TypeError:  # an unhashable loss_fn: compile for this call only
-        return _lanczos_program(loss_fn, unravel, *static)
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = _lanczos_program(loss_fn, unravel, *static)
-        if len(_PROGRAMS) > _MAX_PROGRAMS:
-            _PROGRAMS.popitem(last=False)
-    _PROGRAMS.move_to_end(key)
-    return _PROGRAMS[key]
-
-
-
-
-_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
-_MAX_PROGRAMS = 8
-
-
 def lanczos_program(loss_fn, flat, unravel, *static):
     """A jitted Lanczos recursion on ``Hess L_n`` (:func:`_lanczos_program`), reused by later
     calls with the same ``loss_fn``, parameter layout and row/step counts (a new program per call

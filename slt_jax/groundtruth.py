@@ -363,7 +363,7 @@ def linear_gaussian_var_nloss(x, y, *, sigma, center, localization, beta=1.0) ->
 
     From the Gaussian posterior's moments: with ``P = γI + βA``,
     ``Var = γ²·bᵀP⁻³b + (k/2)·tr((AP⁻¹)²)``; ``β²·Var`` is the susceptibility-like
-    diagnostic of arXiv:1208.6338 / REFERENCE §2.
+    diagnostic of arXiv:1208.6338 (docs/mathematics.md §4.5).
 
     Args:
       x: inputs, shape ``(n, d)``.

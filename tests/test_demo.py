@@ -41,7 +41,7 @@ def test_llc_steps_up_with_each_mode_learned(demo):
     assert llc[before].max() < 1.0, llc[before]
     # After it, at the rank-1 saddle, the stiff directions are those of 5×5 rank-1 matrices:
     # 9 → λ̂ ≈ 4.5. Tolerance: 4 standard errors of the plateau mean (from the rows' own s.e.)
-    # plus 10 % for the finite-γ and minibatch-noise biases at a saddle (REFERENCE.md §3).
+    # plus 10 % for the finite-γ and minibatch-noise biases at a saddle (docs/mathematics.md §6.4).
     mean_se = np.sqrt(np.sum(se[between] ** 2)) / between.sum()
     assert abs(llc[between].mean() - 4.5) < 4 * mean_se + 0.45, llc[between]
     assert llc[before].max() < llc[between].min() and llc[between].max() < llc[after].min()

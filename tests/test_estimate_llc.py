@@ -1,5 +1,5 @@
 """estimate_llc: determinism, chain independence, divergence handling, input errors, and the
-regular-model estimand ½·Σ nβh/(nβh + γ) (REFERENCE.md §3, "What λ̂ estimates at finite n")."""
+regular-model estimand ½·Σ nβh/(nβh + γ) (docs/mathematics.md §5.5, §6)."""
 
 import math
 import warnings

@@ -22,6 +22,8 @@ from slt_jax.groundtruth import (
 )
 from slt_jax.models.toys import TOY_NAMES, toy_model, toy_potential
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 
 def _num_params(widths):
     return sum(a * b for a, b in zip(widths, widths[1:]))
@@ -88,7 +90,7 @@ def test_square_deep_network_at_rank_zero():
 
 
 def test_full_rank_product_is_smooth_point():
-    # r = min width: the fibre is smooth and λ = dim(rank-r matrices)/2 (REFERENCE §3).
+    # r = min width: the fibre is smooth and λ = dim(rank-r matrices)/2 (docs/mathematics.md §5.3).
     for widths, rank in _small_architectures():
         if rank == min(widths):
             expected = Fraction(rank * (widths[0] + widths[-1] - rank), 2)
@@ -186,7 +188,7 @@ def test_quadrature_matches_semi_analytic_crossing(name, power, nbeta, localizat
 )
 def test_quadrature_reference_values_for_w1sq_w2sq(nbeta, localization, expected):
     potential, center, _ = toy_potential("w1^2 w2^2")
-    # REFERENCE §3 quotes three decimals: agree to within half a unit of the last one.
+    # docs/mathematics.md §6.2 quotes three decimals: agree to within half a unit of the last one.
     assert abs(toy_llc_quadrature(potential, center, nbeta, localization) - expected) <= 5e-4
 
 

@@ -1,5 +1,5 @@
 """λ̂ against exact ground truth: Aoyagi's λ for deep linear networks, quadrature for toy
-potentials (REFERENCE.md §3–4). Each test states its tolerance and where it comes from."""
+potentials (docs/mathematics.md §5–6). Each test states its tolerance and where it comes from."""
 
 import functools
 
@@ -36,7 +36,7 @@ def dln_estimate(widths, rank, seed, kind="aligned"):
 )
 def test_dln_llc_within_ten_percent_of_aoyagi(widths, rank, seed):
     lam, m = dln_learning_coefficient(widths, rank)
-    assert m == 1  # multiplicity 1: no (m−1)/log nβ correction (REFERENCE §3)
+    assert m == 1  # multiplicity 1: no (m−1)/log nβ correction (docs/mathematics.md §6.2)
     # w* is the aligned minimal-rank teacher, where the local λ equals Aoyagi's (§3 "Local vs
     # global"). Tolerance 10 %: 4 standard errors (≤ 4 % of λ, asserted) plus ≤ 6 % for the
     # finite-nβ drift of m = 1 models and the step-size bias (measured −8 … +4 % on these

@@ -36,7 +36,7 @@ def run(center, key, **kw):
 
 
 def exact_estimand(gamma):
-    """½·Σ nβh/(nβh + γ) for this quadratic loss (REFERENCE.md §3, finite-γ estimand)."""
+    """½·Σ nβh/(nβh + γ) for this quadratic loss (docs/mathematics.md §5.5, finite-γ estimand)."""
     h = np.linalg.eigvalsh(np.asarray(X.T @ X, np.float64) / N)
     nbeta = N / math.log(N)
     return 0.5 * np.sum(nbeta * h / (nbeta * h + gamma))

@@ -3,7 +3,7 @@
 Widths (2, 3, 3, 2), a rank-1 teacher at its most singular point, noise-free data. With every
 layer but W_s frozen, f = A·W_s·B·x is linear in W_s, so the restricted loss is exactly
 quadratic and the restricted posterior Gaussian: λ̂ must equal ½·Σ nβh/(nβh + γ) over the
-eigenvalues h of the restricted Hessian (REFERENCE.md §3), ≈ rank(A)·rank(B)/2 for γ ≪ nβh.
+eigenvalues h of the restricted Hessian (docs/mathematics.md §5.6), ≈ rank(A)·rank(B)/2 for γ ≪ nβh.
 """
 
 import functools

@@ -1,13 +1,13 @@
 """The main example: λ̂ over the training of a deep linear network that learns in stages.
 
 A deep linear network with widths (5, 2, 2, 5) learns, from a small initialisation, a rank-2
-teacher whose singular values (16, 4) are well apart: it picks up one mode at a time, so the
+teacher whose singular values (18, 3) are well apart: it picks up one mode at a time, so the
 loss has two plateaus and two drops (saddle-to-saddle dynamics). The run is saved with Orbax,
 λ̂ is estimated at every checkpoint (log- and linearly spaced steps), stages are detected on
 the λ̂ curve (arXiv:2402.02364), and the last λ̂ is compared with Aoyagi's λ for the teacher's
 rank. Every layer has width ≥ 2 = rank and the inner ones exactly 2, so the trained point is a
 smooth point of the fibre {W₃W₂W₁ = B}, where the local λ equals Aoyagi's λ = 8
-(REFERENCE.md §3); the teacher data are noise-free, so the teacher is an exact minimum.
+(docs/mathematics.md §5.3); the teacher data are noise-free, so the teacher is an exact minimum.
 
 Training is full-batch gradient descent on the same n samples the LLC is measured on,
 computed from their second moments (the loss of a linear model is a quadratic form in

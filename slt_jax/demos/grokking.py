@@ -4,7 +4,7 @@ An MLP (embeddings of a and b, one ReLU layer) learns ``(a + b) mod 31`` from ha
 961 pairs with AdamW and weight decay 1 from a small initialisation: it memorises the
 training half within ~200 steps while test accuracy stays at chance, and generalises only
 thousands of steps later. λ̂, measured on the training data alone, rises while the network
-memorises and falls as it generalises (REFERENCE.md §5), tracking the test loss.
+memorises and falls as it generalises (docs/case_studies.md §8), tracking the test loss.
 
 Checkpoints are composite Orbax steps (``params`` beside ``evaluation``) read with
 ``item="params"``. The default localization γ = nβ/10 of :func:`slt_jax.llc_trajectory` is

@@ -2,7 +2,7 @@
 
 A DLN with widths (5, 3, 4) and a rank-2 teacher at its most singular (aligned) point, where
 the local learning coefficient equals Aoyagi's λ = 8 (multiplicity 1); noise-free teacher
-data make the teacher an exact minimum (REFERENCE.md §3).
+data make the teacher an exact minimum (docs/mathematics.md §5.3, §6.1).
 """
 
 import functools

@@ -86,7 +86,7 @@ def dln_teacher(key, widths, rank, *, scale=1.0, kind="aligned"):
 
     Aoyagi's λ is the minimum of the local one over the true parameters; the LLC at w*
     equals it only on the closure of a top-dimensional component of the fibre
-    (REFERENCE §3, arXiv:2402.03698 for the benchmark).
+    (docs/mathematics.md §5.3, arXiv:2402.03698 for the benchmark).
 
     - ``kind="aligned"``: the most singular point. Every layer has rank exactly r with
       aligned images, ``W_s = Q_s·diag(σ^{1/L})·Q_{s-1}ᵀ`` with ``Q_s`` random

@@ -1,6 +1,6 @@
 """Toy singular potentials with known learning coefficients, as sampler-ready models.
 
-The potentials of REFERENCE §4 (normal crossings and relatives; Watanabe 2009, used as
+The potentials of docs/mathematics.md §5.4 (normal crossings and relatives; Watanabe 2009, used as
 unit tests of LLC estimators in arXiv:2308.12108). Each potential K is written with
 arithmetic only, so the same function runs on numpy float64 grids
 (`slt_jax.groundtruth.toy_llc_quadrature`) and on JAX parameters (`toy_model`).

@@ -53,7 +53,7 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
     """A geometric grid of step sizes below the posterior's stiffness scale.
 
     For the localized posterior the SGLD step is linearly stable for ε < 4/(nβ·h + γ), h the
-    largest Hessian eigenvalue of L_n along the way (REFERENCE.md §3: large weights make the
+    largest Hessian eigenvalue of L_n along the way (docs/mathematics.md §3.1: large weights make the
     loss stiff). h is taken as the larger of its value at w* and at a typical posterior
     point — w* plus a random direction scaled until ``nβ·(L − L(w*)) = d/2``, the most a
     posterior draw carries on average (λ ≤ d/2) — because at singular points the Hessian at

@@ -1,7 +1,7 @@
 """Step-size calibration: a sweep of step sizes in one program, compared at equal simulated time.
 
 SGLD's discretisation error biases λ̂ upward as the step size ε grows, and a large enough ε
-diverges (Lau et al., arXiv:2308.12108; REFERENCE.md §3). :func:`calibrate` runs one chain
+diverges (Lau et al., arXiv:2308.12108; docs/mathematics.md §3.2, §3.5). :func:`calibrate` runs one chain
 group per setting (step size, and optionally nβ and γ) in a single compiled program — the
 chain runner takes one step size, nβ and γ per chain — checks each group's stability and
 recommends the largest step size whose λ̂ agrees with the smaller ones.

@@ -17,6 +17,8 @@ from slt_jax.estimators.free_energy import (
     wbic,
 )
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 SEEDS = (0, 1, 2)
 
 
@@ -252,7 +254,7 @@ def test_wbic_is_the_mean_at_beta_star():
 
 
 def _wbic_grid(num_samples, num_rungs):
-    """β*·(1 ± 1/√(2 log n)) around β* = 1/log n (REFERENCE §2)."""
+    """β*·(1 ± 1/√(2 log n)) around β* = 1/log n (docs/mathematics.md §4.5)."""
     log_n = math.log(num_samples)
     return np.linspace(1 - 1 / math.sqrt(2 * log_n), 1 + 1 / math.sqrt(2 * log_n), num_rungs) / log_n
 

@@ -6,6 +6,8 @@ from scipy import stats
 
 from slt_jax.curves.stages import detect_stages
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 STEPS = np.unique(np.round(np.logspace(1.5, 5.0, 200)))
 X = np.log10(STEPS + 1.0)
 # Heteroscedastic noise, larger late in training, as λ̂ standard errors often are.

@@ -8,6 +8,8 @@ import pytest
 
 from slt_jax.data.batches import ONE_WORD_ROWS, _multiply_high, minibatch, row_indices
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 
 @pytest.mark.parametrize("n", [1, 7, 10_000, 65_537, ONE_WORD_ROWS, 2**31 - 1])
 def test_multiply_high_is_the_exact_top_word_of_the_product(n):

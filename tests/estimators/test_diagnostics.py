@@ -17,6 +17,8 @@ from slt_jax.estimators.diagnostics import (
     split_rhat,
 )
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 SEEDS = tuple(range(8))
 
 

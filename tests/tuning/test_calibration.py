@@ -1,6 +1,6 @@
 """Step-size calibration: the decision rule on synthetic summaries, the pick against NUTS on a
 model whose SGLD bias is known exactly, and step_size="auto" on deep linear networks against
-Aoyagi's λ (REFERENCE.md §3)."""
+Aoyagi's λ (docs/mathematics.md §5.1)."""
 
 import functools
 import json

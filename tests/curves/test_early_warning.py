@@ -6,6 +6,8 @@ from scipy import stats
 
 from slt_jax.curves.early_warning import early_warning
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 NUM_SURROGATES = 200  # p-value resolution 1/201, ample for a 0.05 level
 
 

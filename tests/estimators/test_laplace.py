@@ -1,5 +1,5 @@
 """The Laplace value: exact on a quadratic loss, rank(Hess)/2 at a singular DLN point — where the
-true λ is larger (REFERENCE.md §3; the plateau this value explains is in slt_jax.estimators.laplace)."""
+true λ is larger (docs/mathematics.md §3.8; the plateau this value explains is in slt_jax.estimators.laplace)."""
 
 import functools
 

@@ -10,6 +10,8 @@ import pytest
 
 from slt_jax.trajectory.store import ResultsStore
 
+pytestmark = pytest.mark.unit  # pure and fast: the `-m unit` tier
+
 SETTINGS = {
     "nbeta": np.float64(250.0),
     "localization": 1.0,
