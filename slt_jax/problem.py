@@ -156,7 +156,7 @@ def make_problem(loss_fn, params, data, *, localization, nbeta=None, eval_data=N
     mesh = sharding.resolve_mesh(mesh, devices)
     sharding.check_data_split(mesh, n, batch_size)
     dtype = precision.dtype
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    params = sharding.put_replicated(jax.tree.map(lambda x: jnp.asarray(x, dtype), params), mesh)
     mask = masks.resolve_mask(param_mask, params)
     num_sampled = masks.num_sampled(mask, params)
     data = sharding.put_data(data, mesh)

@@ -117,6 +117,12 @@ def put_data(data, mesh: Mesh):
     return jax.device_put(data, NamedSharding(mesh, data_spec(mesh)))
 
 
+def put_replicated(tree, mesh: Mesh):
+    """Place ``tree`` (e.g. w*) on every device of the mesh: parameters restored onto one
+    device (a checkpoint) then meet the data wherever it lives."""
+    return jax.device_put(tree, NamedSharding(mesh, REPLICATED))
+
+
 def minibatch(key, data, batch_size: int, mesh: Mesh):
     """This data shard's part of a ``batch_size``-row minibatch (all of it without a data axis).
 

@@ -87,7 +87,8 @@ def sgnht(step_size, posterior: LocalPosterior, *, diffusion=DEFAULT_DIFFUSION) 
 
         momentum = posterior.masked(jax.tree.map(new_momentum, state.momentum, state.position, force, noise))
         position = jax.tree.map(jnp.add, state.position, momentum)
-        mean_square = _sum_squares(momentum) / num_sampled
+        mean_square = _sum_squares(momentum)
+        mean_square = mean_square / num_sampled.astype(mean_square.dtype)
         thermostat = (zeta + mean_square - step_size).astype(zeta.dtype)
         info = SGNHTInfo(mean_square / step_size, thermostat)
         return SGNHTState(position, momentum, thermostat), info
