@@ -1,0 +1,19 @@
+"""Datasets as data pytrees for the samplers: token sequences (:mod:`slt_jax.data.tokens`)."""
+
+from slt_jax.data.tokens import (
+    BYTE_VOCAB_SIZE,
+    check_token_arrays,
+    check_tokens,
+    decode_bytes,
+    encode_bytes,
+    load_tokens,
+    mask_path,
+    save_tokens,
+    token_data,
+    tokens_from_text,
+)
+
+__all__ = [
+    "BYTE_VOCAB_SIZE", "check_token_arrays", "check_tokens", "decode_bytes", "encode_bytes", "load_tokens",
+    "mask_path", "save_tokens", "token_data", "tokens_from_text",
+]
