@@ -4,7 +4,7 @@ Data flows one way: model adapter → local posterior → sampler kernel → cha
 statistics → estimators → results, plots and the ``slt-jax`` command.
 """
 
-from slt_jax import groundtruth, models
+from slt_jax import data, groundtruth, models, selectors
 from slt_jax.calibration import Calibration, CalibrationError, CalibrationWarning, calibrate
 from slt_jax.checkpoints import CheckpointTrajectory, list_steps
 from slt_jax.divergence import DivergenceError, DivergenceWarning
@@ -32,6 +32,7 @@ from slt_jax.plots import plot_early_warning, plot_llc_curve, plot_llc_vs_step_s
 from slt_jax.results import LLCResult
 from slt_jax.results_store import ResultsStore
 from slt_jax.samplers import KernelFactory, SamplingAlgorithm
+from slt_jax.selectors import attention, describe_mask, embedding, head, mlp, select, unembedding
 from slt_jax.sharding import make_mesh
 from slt_jax.stages import Stages, detect_stages
 from slt_jax.temperature import FreeEnergyResult, estimate_free_energy
@@ -55,18 +56,23 @@ __all__ = [
     "ResultsStore",
     "SamplingAlgorithm",
     "Stages",
+    "attention",
     "beta_ladder",
     "calibrate",
     "chain_diagnostics",
+    "data",
+    "describe_mask",
     "detect_stages",
     "dln_learning_coefficient",
     "early_warning",
     "effective_sample_size",
+    "embedding",
     "escaped_chains",
     "ess_per_chain",
     "estimate_free_energy",
     "estimate_llc",
     "groundtruth",
+    "head",
     "laplace_llc",
     "list_steps",
     "llc_from_slope",
@@ -75,11 +81,15 @@ __all__ = [
     "llc_trajectory",
     "make_mesh",
     "mcse_mean",
+    "mlp",
     "models",
     "plot_early_warning",
     "plot_llc_curve",
     "plot_llc_vs_step_size",
+    "select",
+    "selectors",
     "split_rhat",
     "thermodynamic_integration",
+    "unembedding",
     "wbic",
 ]
