@@ -12,10 +12,10 @@ Grammar of ``param_mask`` (``estimate_llc`` and everything that takes one):
 - if it matches no leaf, a path prefix selecting a subtree: ``"blocks/0/attn"``,
   ``"blocks/1/mlp"``, ``"embed"``, ``"unembed"`` (whole path components: ``"embed"`` is not
   ``"pos_embed"``);
-- ``"<attention>/head/<h>"`` (``"blocks/0/attn/head/1"``): head h of the multi-head attention
-  at that path — ``[:, h, :]`` of the query/key/value kernels ``(d_model, heads, head_dim)``,
-  ``[h]`` of their biases ``(heads, head_dim)`` and of the output kernel
-  ``(heads, head_dim, d_model)``; the output bias belongs to no head;
+- if neither, ``"<attention>/head/<h>"`` (``"blocks/0/attn/head/1"``): head h of the
+  multi-head attention at that path — ``[:, h, :]`` of the query/key/value kernels
+  ``(d_model, heads, head_dim)``, ``[h]`` of their biases ``(heads, head_dim)`` and of the
+  output kernel ``(heads, head_dim, d_model)``; the output bias belongs to no head;
 - a :class:`Selector` from :func:`head`, :func:`attention`, :func:`mlp`, :func:`embedding`,
   :func:`unembedding` or :func:`select`, combined with ``|`` (union), ``&`` (intersection)
   and ``~`` (complement), also with strings (``head(0, 1) | "unembed"``);
@@ -100,7 +100,7 @@ class Selector:
 
 @dataclasses.dataclass(frozen=True)
 class Pattern(Selector):
-    """A string of the grammar above: regex over leaf paths, else ``…/head/<h>``, else a prefix."""
+    """A string of the grammar above: regex over leaf paths, else a path prefix, else ``…/head/<h>``."""
 
     pattern: str
 
@@ -112,11 +112,11 @@ class Pattern(Selector):
         hits = [regex is not None and regex.fullmatch(p) is not None for p in paths]
         if any(hits):
             return [np.full(s, h) for s, h in zip(shapes, hits)]
-        if (head := _HEAD.fullmatch(self.pattern)) is not None:
-            return Head(head["attn"], int(head["index"]), repr(self.pattern)).leaf_masks(paths, shapes)
         prefix = self.pattern.rstrip("/")
         if prefix and any(_under(prefix, p) for p in paths):
             return Subtree(prefix, repr(self.pattern)).leaf_masks(paths, shapes)
+        if (head := _HEAD.fullmatch(self.pattern)) is not None:
+            return Head(head["attn"], int(head["index"]), repr(self.pattern)).leaf_masks(paths, shapes)
         raise ValueError(f"param_mask={self.pattern!r} matches no parameter path, as a regular expression or as a "
                          f"path prefix; the paths are {_listing(paths)}")
 
@@ -251,7 +251,12 @@ class Given(Selector):
 
 
 def select(spec) -> Selector:
-    """A :class:`Selector` from a selector, a string of the module's grammar, or a boolean pytree."""
+    """A :class:`Selector` from a selector, a string of the module's grammar, or a boolean pytree.
+
+    ``None`` (``param_mask``'s default: sample everything) selects every parameter.
+    """
+    if spec is None:
+        return Pattern(".*")
     if isinstance(spec, Selector):
         return spec
     if isinstance(spec, str):

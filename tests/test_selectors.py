@@ -172,3 +172,9 @@ def test_a_mask_pytree_of_the_wrong_structure_is_an_error(params):
 def test_public_names():
     assert slt_jax.head is head and slt_jax.describe_mask is describe_mask and slt_jax.selectors is selectors
     assert {"head", "attention", "mlp", "embedding", "unembedding", "describe_mask", "select"} <= set(slt_jax.__all__)
+
+
+def test_none_selects_everything_as_param_mask_none_samples_everything(params):
+    counts = selectors.coverage(None, params)
+    assert all(c == size for c, size in counts.values())
+    assert describe_mask(None, params).startswith("'.*': ")
