@@ -39,6 +39,13 @@ _EXPORTS = {
     "RunSettings": "slt_jax.settings",
     "SamplingAlgorithm": "slt_jax.samplers.base",
     "Stages": "slt_jax.curves.stages",
+    "attention": "slt_jax.selectors",
+    "describe_mask": "slt_jax.selectors",
+    "embedding": "slt_jax.selectors",
+    "head": "slt_jax.selectors",
+    "mlp": "slt_jax.selectors",
+    "select": "slt_jax.selectors",
+    "unembedding": "slt_jax.selectors",
     "SweepSettings": "slt_jax.settings",
     "beta_ladder": "slt_jax.estimators.free_energy",
     "calibrate": "slt_jax.tuning.sweep",
@@ -66,7 +73,7 @@ _EXPORTS = {
     "thermodynamic_integration": "slt_jax.estimators.free_energy",
     "wbic": "slt_jax.estimators.free_energy",
 }
-_SUBMODULES = ("groundtruth", "models")
+_SUBMODULES = ("data", "groundtruth", "models", "selectors")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

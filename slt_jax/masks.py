@@ -3,8 +3,6 @@
 Wang et al., arXiv:2410.02984: sample only a subset V of the parameters, the rest frozen at w*.
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +23,12 @@ def resolve_mask(param_mask, params):
     """Turn ``param_mask`` into a pytree of 0/1 float arrays shaped like ``params``.
 
     Args:
-      param_mask: ``None`` (sample everything); a regular expression matched in full against
-        each leaf's path (``"layers_0/attn/.*"``, see :func:`path_string`); or a pytree with
-        the structure of ``params`` whose leaves are booleans or arrays broadcastable to the
-        leaf (True/1 = sampled).
+      param_mask: ``None`` (sample everything); a string: a regular expression matched in full
+        against each leaf's path (``"layers_0/attn/.*"``, see :func:`path_string`), else a path
+        prefix (``"blocks/0/attn"``), else an attention head (``"blocks/0/attn/head/1"``); a
+        :class:`slt_jax.selectors.Selector` (``head(0, 1) | "unembed"``); or a pytree with the
+        structure of ``params`` whose leaves are booleans or arrays broadcastable to the leaf
+        (True/1 = sampled). :mod:`slt_jax.selectors` has the grammar.
       params: the parameter pytree.
 
     Returns:
@@ -36,18 +36,14 @@ def resolve_mask(param_mask, params):
     """
     if param_mask is None:
         return None
-    if isinstance(param_mask, str):
-        pattern = re.compile(param_mask)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        paths = [path_string(p) for p, _ in leaves]
-        hits = [pattern.fullmatch(p) is not None for p in paths]
-        if not any(hits):
-            raise ValueError(f"param_mask={param_mask!r} matches no parameter path; the paths are {paths}")
-        masks = [jnp.full(jnp.shape(x), float(h), jnp.result_type(x)) for (_, x), h in zip(leaves, hits)]
-        return jax.tree.unflatten(treedef, masks)
+    from slt_jax import selectors  # selectors builds on path_string above
+
+    if isinstance(param_mask, (str, selectors.Selector)):
+        chosen = selectors.selection(param_mask, params)
+        return jax.tree.map(lambda m, x: jnp.asarray(m, jnp.result_type(x)), chosen, params)
     if jax.tree.structure(param_mask) != jax.tree.structure(params):
         raise ValueError(
-            "param_mask must be a regular expression or a pytree with the structure of params: got "
+            "param_mask must be a regular expression, a selector or a pytree with the structure of params: got "
             f"{jax.tree.structure(param_mask)}, params have {jax.tree.structure(params)}"
         )
 
@@ -62,6 +58,15 @@ def resolve_mask(param_mask, params):
             ) from None
 
     return jax.tree_util.tree_map_with_path(leaf, param_mask, params)
+
+
+def mask_label(param_mask):
+    """How a result records ``param_mask``: None, the string or selector as written, or ``"pytree"``."""
+    from slt_jax import selectors
+
+    if param_mask is None or isinstance(param_mask, str):
+        return param_mask
+    return str(param_mask) if isinstance(param_mask, selectors.Selector) else "pytree"
 
 
 def num_sampled(mask, params) -> int:

@@ -110,12 +110,11 @@ class Problem:
 
     def record(self) -> dict:
         """What the problem contributes to a result's settings (JSON-ready)."""
-        mask = self.param_mask
         return {
             "localization": self.localization, "nbeta": self.nbeta, "batch_size": self.batch_size,
             "eval_data": self.eval_data is not None, "n": self.n, "n_eval": self.n_eval,
             "num_params": self.num_params, "num_sampled": self.num_sampled,
-            "param_mask": mask if mask is None or isinstance(mask, str) else getattr(mask, "name", "pytree"),
+            "param_mask": masks.mask_label(self.param_mask),
             "dtype": str(self.precision.dtype),
             "compute_dtype": None if self.precision.compute_dtype is None else str(self.precision.compute_dtype),
             "devices": sharding.devices_of(self.mesh), "mesh": dict(self.mesh.shape),

@@ -1,1 +1,20 @@
-"""Data on device: minibatches, the exact full-data loss, and token datasets."""
+"""Data on device and on disk: minibatches and the exact full-data loss
+(:mod:`slt_jax.data.batches`), and token sequences (:mod:`slt_jax.data.tokens`)."""
+
+from slt_jax.data.tokens import (
+    BYTE_VOCAB_SIZE,
+    check_token_arrays,
+    check_tokens,
+    decode_bytes,
+    encode_bytes,
+    load_tokens,
+    mask_path,
+    save_tokens,
+    token_data,
+    tokens_from_text,
+)
+
+__all__ = [
+    "BYTE_VOCAB_SIZE", "check_token_arrays", "check_tokens", "decode_bytes", "encode_bytes", "load_tokens",
+    "mask_path", "save_tokens", "token_data", "tokens_from_text",
+]

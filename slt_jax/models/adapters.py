@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from slt_jax.models.transformer import next_token_loss
+
 
 def mse(pred, target):
     """Per-sample squared error, averaged over the output dimensions."""
@@ -42,7 +44,8 @@ def _per_sample(loss) -> Callable:
     if callable(loss):
         return loss
     if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not one of {sorted(LOSSES)} (or pass a callable)")
+        raise ValueError(f"loss={loss!r} is not one of {sorted(LOSSES)} (or pass a callable; from_nnx also "
+                         "takes 'next_token')")
     return LOSSES[loss]
 
 
@@ -67,24 +70,43 @@ def from_function(apply_fn, params, loss="mse", *, inputs="x", targets="y"):
     return loss_fn, params
 
 
+def _next_token(model, batch):
+    if not isinstance(batch, dict) or "tokens" not in batch:
+        kind = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"loss='next_token' takes batches {{'tokens': (B, T) ids, 'mask'?: (B, T)}}, got {kind}")
+    return next_token_loss(model(batch["tokens"]), batch["tokens"], batch.get("mask"))
+
+
 def from_nnx(module: nnx.Module, loss="mse", *, inputs="x", targets="y"):
     """A flax nnx module; its ``nnx.Param`` variables are sampled, everything else is fixed.
 
     The module is switched to evaluation mode (dropout off, batch-norm statistics frozen) so
     the loss is a pure function of the parameters.
 
+    Args:
+      module: the model.
+      loss: as for :func:`from_function`, or ``"next_token"`` for a language model
+        ``tokens (B, T) -> logits (B, T, vocab)`` on token batches ``{"tokens", "mask"?}``
+        (``inputs`` and ``targets`` unused): the mean over sequences of each sequence's mean
+        next-token cross-entropy in nats, reduced in float32
+        (:func:`slt_jax.models.transformer.next_token_loss`; there n counts sequences).
+      inputs, targets: where the batch keeps inputs and targets.
+
     Returns:
       ``(loss_fn, params)`` with ``params`` a plain nested dict.
     """
     module.eval()
     graphdef, state, rest = nnx.split(module, nnx.Param, ...)
-    per_sample = _per_sample(loss)
+    if loss == "next_token":
+        batch_loss = _next_token
+    else:
+        per_sample = _per_sample(loss)
+        batch_loss = lambda model, batch: jnp.mean(per_sample(model(batch[inputs]), batch[targets]))
 
     def loss_fn(p, batch):
         params = jax.tree.map(lambda x: x, state)  # a fresh copy: the template is never mutated
         nnx.replace_by_pure_dict(params, p)
-        model = nnx.merge(graphdef, params, rest)
-        return jnp.mean(per_sample(model(batch[inputs]), batch[targets]))
+        return batch_loss(nnx.merge(graphdef, params, rest), batch)
 
     return loss_fn, nnx.to_pure_dict(state)
 

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from slt_jax import settings as settings_lib
-from slt_jax import validation
+from slt_jax import masks, validation
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
 from slt_jax.estimators.llc import llc_statistics
@@ -135,7 +135,7 @@ def _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, sele
         "step_size": "calibration" if isinstance(step_size, Calibration) else step_size,
         "nbeta": nbeta, "localization": localization, "sampler": sampler,
         "eval_data": None if eval_data is None else validation.check_data(eval_data, "eval_data"),
-        "param_mask": param_mask if param_mask is None or isinstance(param_mask, str) else "pytree",
+        "param_mask": masks.mask_label(param_mask),
         **settings_lib.to_dict(run), **settings_lib.to_dict(precision),
         "auto": settings_lib.to_dict(auto) if calibrated else None,
         "calibrate_at": calibrate_at if calibrated else None,
