@@ -86,13 +86,15 @@ class Sampled(NamedTuple):
     """What a sampler run hands :func:`summarize`.
 
     Attributes:
-      draws: the per-draw records (:class:`slt_jax.runner.chains.Draws`), ``(chains, draws)``.
+      draws: the per-draw records (:class:`slt_jax.runner.chain.Draws`), ``(chains, draws)``.
       diverged_at: the step at which each chain diverged (−1 if it did not), ``(chains,)``.
       positions: the chains' final positions (a params pytree with a leading chain axis).
       step_size: the step size the draws were taken at.
       run: the run's settings as actually run (burn-in and draws after any extension).
       sampler_stats: statistics the sampler reports beyond its per-step info (or ``None``).
       record: extra settings to record (``calibration``, ``equilibration``).
+      moments: the chains' observable moments (:class:`slt_jax.runner.observation.Moments`
+        with a leading chain axis, on the host), or ``None``.
     """
 
     draws: Any
@@ -102,6 +104,7 @@ class Sampled(NamedTuple):
     run: settings_lib.RunSettings
     sampler_stats: dict | None = None
     record: dict | None = None
+    moments: Any = None
 
 
 def summarize(problem, sampled: Sampled, *, sampler: str, key) -> LLCResult:

@@ -1,5 +1,5 @@
 """Run many sampler chains at once: per-chain keys, chains sharded over devices (shard_map)
-and vmapped on each, chunked lax.scan.
+and vmapped on each, chunked lax.scan (one chain's program: :mod:`slt_jax.runner.chain`).
 
 Chain ``i`` draws every random number from ``fold_in(key, i)`` and step ``t`` of it from
 ``fold_in(chain_key, t)``, so its trace depends only on the root key, its index and the
@@ -8,7 +8,6 @@ settings — not on how many chains run beside it, nor on how the run is chunked
 
 import math
 from functools import partial
-from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,208 +18,15 @@ from tqdm.auto import tqdm
 from slt_jax.keys import chain_keys
 from slt_jax.results import Sampled
 from slt_jax.runner import sharding
+from slt_jax.runner.chain import CHAIN_AXES, Chain, ChainInputs, ChainState, RunConfig, input_specs, per_chain
 from slt_jax.runner.divergence import Divergence
-from slt_jax.data.batches import full_batch_loss
-from slt_jax.posterior import LocalPosterior
+from slt_jax.runner.observation import Observation, Observed, zero_moments
 from slt_jax.samplers.base import KernelFactory
 
-PyTree = Any
 
-
-class RunConfig(NamedTuple):
-    """Static settings of a run: changing any of them compiles a new program.
-
-    Attributes:
-      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-      kernel: the sampler's :class:`~slt_jax.samplers.base.KernelFactory`.
-      batch_size: rows per gradient minibatch.
-      steps_per_draw: sampler steps between recorded draws.
-      loss_estimator: what each draw records as its loss (see ``estimate_llc``).
-      eval_batch_size: rows per measurement batch (eval minibatch, or full-batch chunk).
-      mesh: the device mesh the chains (and data) are sharded over (see
-        :mod:`slt_jax.runner.sharding`); ``None`` for the first device.
-    """
-
-    loss_fn: Callable
-    kernel: KernelFactory
-    batch_size: int
-    steps_per_draw: int
-    loss_estimator: str
-    eval_batch_size: int
-    mesh: Any = None
-
-
-class ChainState(NamedTuple):
-    """What each chain carries forward: the kernel's state and where it first diverged (−1)."""
-
-    kernel_state: Any
-    diverged_at: jax.Array
-
-
-class Draws(NamedTuple):
-    """Per-draw records, each with leading axes ``(chains, draws)``.
-
-    Attributes:
-      batch_loss: the loss at w_t on the measurement batch (or the full dataset).
-      center_loss: the loss at w* on the same batch (control variate), else ``None``.
-      distance: ‖w_t − w*‖², to see chains that drift away from w*.
-      info: the kernel's per-step report at the draw.
-    """
-
-    batch_loss: jax.Array
-    center_loss: Any
-    distance: jax.Array
-    info: Any
-
-
-def _step(config, kernel, posterior, divergence, data, chain_key, state, t):
-    """One sampler step of one chain at global step ``t``; also returns the loss and batch."""
-    key_batch, key_step = jax.random.split(jax.random.fold_in(chain_key, t))
-    batch = sharding.minibatch(key_batch, data, config.batch_size, config.mesh)
-    loss, grad = jax.value_and_grad(_global_loss(config))(state.kernel_state.position, batch)
-    kernel_state, info = kernel.step(key_step, state.kernel_state, grad)
-    runaway = posterior.nbeta * (loss - divergence.ref_loss) > divergence.threshold
-    bad = ~jnp.isfinite(loss) | runaway
-    diverged_at = jnp.where((state.diverged_at < 0) & bad, t, state.diverged_at)
-    return ChainState(kernel_state, diverged_at), (loss, batch, info)
-
-
-def _global_loss(config):
-    """The minibatch loss over all data shards (the mean of the shards' means)."""
-    return lambda params, batch: sharding.global_mean(config.loss_fn(params, batch), config.mesh)
-
-
-def _measure(config, posterior, key, position, batch, batch_loss, eval_data):
-    """The draw's loss record: (loss at w_t, loss at w* on the same batch, or None)."""
-    loss_fn = _global_loss(config)
-    if config.loss_estimator == "full_batch":
-        # Shards hold equal row counts, so the mean of their exact means is L_n.
-        local = full_batch_loss(config.loss_fn, position, eval_data, config.eval_batch_size).mean
-        return sharding.global_mean(local, config.mesh), None
-    if eval_data is not None:
-        batch = sharding.minibatch(key, eval_data, config.eval_batch_size, config.mesh)
-        batch_loss = loss_fn(position, batch)
-    if config.loss_estimator == "control_variate":
-        return batch_loss, loss_fn(posterior.center, batch)
-    return batch_loss, None
-
-
-class ChainInputs(NamedTuple):
-    """The traced inputs of a run: one compiled program serves any values of these.
-
-    ``step_size``, ``posterior.nbeta``, ``posterior.localization`` and
-    ``divergence.threshold`` hold one value per chain (shape ``(chains,)``), so chain groups
-    at different step sizes or temperatures run in one program (calibration sweeps,
-    temperature ladders); use :func:`per_chain` to broadcast scalars.
-    """
-
-    step_size: jax.Array
-    posterior: LocalPosterior
-    divergence: Divergence
-    data: PyTree
-    eval_data: PyTree
-
-
-class _Chain(NamedTuple):
-    """Everything one chain's steps close over."""
-
-    config: RunConfig
-    step_size: jax.Array
-    posterior: LocalPosterior
-    divergence: Divergence
-    data: PyTree
-    eval_data: PyTree
-
-    def kernel(self):
-        return self.config.kernel.build(self.step_size, self.posterior)
-
-    def advance(self, chain_key, state, start, num_steps, num_burnin, total):
-        """Steps ``start … start+num_steps−1`` of one chain, with a record per step.
-
-        The record is real at draw steps — the last step of each ``steps_per_draw`` block
-        after ``num_burnin`` — and zeros elsewhere; steps ≥ ``total`` only pad the last chunk.
-        One scan body holds the step and the measurement once, which keeps compilation short.
-        """
-        config, posterior = self.config, self.posterior
-        step = partial(_step, config, self.kernel(), posterior, self.divergence, self.data, chain_key)
-        spd = config.steps_per_draw
-
-        def body(state, t):
-            is_draw = (t >= num_burnin) & ((t - num_burnin) % spd == spd - 1)
-
-            def live(state):
-                position = state.kernel_state.position
-                state, (loss, batch, info) = step(state, t)
-
-                def measure(_):
-                    key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
-                    batch_loss, center_loss = _measure(config, posterior, key, position, batch, loss,
-                                                       self.eval_data)
-                    return Draws(batch_loss, center_loss, posterior.sq_distance(position), info)
-
-                # Measured inside the step's branch: only the record leaves it, never the
-                # minibatch (a batch carried out of a cond costs ~1.5× at batch 2048 on CPU).
-                record = jax.lax.cond(is_draw, measure, lambda _: _zeros(jax.eval_shape(measure, None)), None)
-                return state, record
-
-            record_shapes = jax.eval_shape(live, state)[1]
-            # Both predicates depend on t alone, shared by every chain: under vmap they stay
-            # real branches, so padded steps and non-draw steps cost nothing.
-            return jax.lax.cond(t < total, live, lambda s: (s, _zeros(record_shapes)), state)
-
-        return jax.lax.scan(body, state, start + jnp.arange(num_steps, dtype=jnp.int32))
-
-
-def _zeros(shapes):
-    """Zeros like ``shapes``, varying over the same mesh axes (``cond`` branches must agree)."""
-
-    def zeros(x):
-        varying = tuple(sorted(x.manual_axis_type.varying)) if x.manual_axis_type else ()
-        z = jnp.zeros(x.shape, x.dtype)
-        return jax.lax.pcast(z, varying, to="varying") if varying else z
-
-    return jax.tree.map(zeros, shapes)
-
-
-_CHAIN_AXES = ChainInputs(
-    step_size=0,
-    posterior=LocalPosterior(center=None, nbeta=0, localization=0, mask=None),
-    divergence=Divergence(ref_loss=None, threshold=0),
-    data=None,
-    eval_data=None,
-)
-
-
-def _input_specs(mesh) -> ChainInputs:
-    """How each input lies on the mesh: per-chain values split over chains, data over data."""
-    c, d, r = sharding.chain_spec(mesh), sharding.data_spec(mesh), sharding.REPLICATED
-    return ChainInputs(
-        step_size=c,
-        posterior=LocalPosterior(center=r, nbeta=c, localization=c, mask=r),
-        divergence=Divergence(ref_loss=r, threshold=c),
-        data=d,
-        eval_data=d,
-    )
-
-
-def per_chain(inputs: ChainInputs, num_chains: int, num_padded: int | None = None) -> ChainInputs:
-    """Broadcast scalar step size, nβ, γ and divergence threshold to one value per chain.
-
-    With ``num_padded``, the values are padded to that many chains by repeating the last one
-    (padding chains fill the devices and are dropped).
-    """
-    extra = (num_padded or num_chains) - num_chains
-    b = lambda x: jnp.pad(jnp.broadcast_to(jnp.asarray(x), (num_chains,)), (0, extra), mode="edge")
-    p, d = inputs.posterior, inputs.divergence
-    return inputs._replace(
-        step_size=b(inputs.step_size),
-        posterior=p._replace(nbeta=b(p.nbeta), localization=b(p.localization)),
-        divergence=d._replace(threshold=b(d.threshold)),
-    )
-
-
-def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localization=None,
-          threshold=None) -> tuple[RunConfig, ChainInputs]:
+def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localization=None, threshold=None,
+          masks=None, mask_index=None, observation: Observation | None = None,
+          observed_inputs=None) -> tuple[RunConfig, ChainInputs]:
     """The static config and traced inputs of a run on ``problem``.
 
     Args:
@@ -230,31 +36,53 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
       step_size: ε, a scalar or one value per chain.
       nbeta, localization, threshold: per-chain overrides of the problem's nβ, γ and the
         divergence bound (scalars or one value per chain; default the problem's).
+      masks, mask_index: per-chain weight restrictions: K 0/1 mask pytrees stacked on a leading
+        axis, and which one each chain samples (one index per chain); default the problem's mask.
+      observation, observed_inputs: what each draw observes (:class:`Observation`) and its
+        inputs (e.g. probe rows); the values at w* are computed here, once.
 
     Returns:
       ``(RunConfig, ChainInputs)`` for :func:`run_chains`.
     """
     dtype = problem.precision.dtype
     config = RunConfig(problem.loss_fn, kernel, problem.batch_size, run.steps_per_draw, run.loss_estimator,
-                       problem.eval_batch_size, problem.mesh)
+                       problem.eval_batch_size, problem.mesh, observation)
     if threshold is None:
         threshold = problem.divergence_threshold(run)
+    posterior = problem.posterior(nbeta, localization)
+    if (masks is None) != (mask_index is None):
+        raise ValueError("masks and mask_index go together: K stacked masks and one index per chain")
+    if masks is not None:
+        posterior = posterior._replace(mask=jax.tree.map(lambda m: jnp.asarray(m, dtype), masks))
+        mask_index = jnp.asarray(mask_index, jnp.int32)
+    observed = None
+    if observation is not None:
+        at_center = jax.jit(observation.fn)(problem.params, observed_inputs)
+        observed = Observed(observed_inputs, {name: jnp.ravel(v) for name, v in at_center.items()})
     inputs = ChainInputs(
         step_size=jnp.asarray(step_size, dtype),
-        posterior=problem.posterior(nbeta, localization),
+        posterior=posterior,
         divergence=Divergence(problem.reference.mean, jnp.asarray(threshold, dtype)),
         data=problem.data,
         eval_data=problem.measure_data(run.loss_estimator),
+        mask_index=mask_index,
+        observed=observed,
     )
     return config, inputs
 
 
 @partial(jax.jit, static_argnames=("config", "num_chains"))
 def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> ChainState:
-    """Every chain starts at w* (the kernel's own initial state around it)."""
-    init = lambda inp: _Chain(config, *inp).kernel().init(inp.posterior.center)
-    kernel_state = jax.vmap(init, in_axes=(_CHAIN_AXES,))(inputs)
-    return ChainState(kernel_state, jnp.full((num_chains,), -1, jnp.int32))
+    """Every chain starts at w* (the kernel's own initial state around it), with empty moments."""
+    init = lambda inp: Chain(config, *inp).kernel().init(inp.posterior.center)
+    kernel_state = jax.vmap(init, in_axes=(CHAIN_AXES,))(inputs)
+    moments = None
+    if config.observe is not None:
+        shapes = jax.eval_shape(config.observe.fn, inputs.posterior.center, inputs.observed.inputs)
+        dtype = jax.tree.leaves(inputs.posterior.center)[0].dtype
+        one = zero_moments(config.observe, shapes, dtype)
+        moments = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains, *x.shape)), one)
+    return ChainState(kernel_state, jnp.full((num_chains,), -1, jnp.int32), moments)
 
 
 @partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnames=("state",))
@@ -262,18 +90,18 @@ def _advance(config, inputs, num_steps, chain_keys, state, start, num_burnin, to
     """``num_steps`` steps of every chain: each device vmaps its own block of chains."""
 
     def local(inputs, chain_keys, state, start, num_burnin, total):
-        run = lambda inp, k, s: _Chain(config, *inp).advance(k, s, start, num_steps, num_burnin, total)
+        run = lambda inp, k, s: Chain(config, *inp).advance(k, s, start, num_steps, num_burnin, total)
         if chain_keys.shape[0] > 1:
-            return jax.vmap(run, in_axes=(_CHAIN_AXES, 0, 0))(inputs, chain_keys, state)
+            return jax.vmap(run, in_axes=(CHAIN_AXES, 0, 0))(inputs, chain_keys, state)
         # One chain on this device: run it unbatched, since a vmap over one chain keeps
         # batched matmuls (a few per cent slower for a 1M-parameter MLP on CPU).
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-        inputs = jax.tree.map(lambda axis, sub: sub if axis is None else first(sub), _CHAIN_AXES, inputs,
+        inputs = jax.tree.map(lambda axis, sub: sub if axis is None else first(sub), CHAIN_AXES, inputs,
                               is_leaf=lambda x: x is None)
         return jax.tree.map(lambda x: x[None], run(inputs, chain_keys[0], first(state)))
 
     chains, scalar = sharding.chain_spec(config.mesh), sharding.REPLICATED
-    in_specs = (_input_specs(config.mesh), chains, chains, scalar, scalar, scalar)
+    in_specs = (input_specs(config.mesh), chains, chains, scalar, scalar, scalar)
     run = sharding.shard_chains(local, config.mesh, in_specs, chains)
     return run(inputs, chain_keys, state, start, num_burnin, total)
 
@@ -329,7 +157,7 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     padded = sharding.padded_num_chains(num_chains, mesh)
     on_chains = NamedSharding(mesh, sharding.chain_spec(mesh))
     keys = jax.device_put(chain_keys(key, padded), on_chains)
-    specs = _input_specs(mesh)
+    specs = input_specs(mesh)
     placement = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                              is_leaf=lambda x: isinstance(x, PartitionSpec))
     inputs = jax.device_put(per_chain(inputs, num_chains, padded), placement)
@@ -374,4 +202,11 @@ def sample(problem, kernel: KernelFactory, run, key, *, step_size, progress=True
     config, inputs = setup(problem, kernel, run, step_size)
     state, draws = run_chains(key, config, inputs, num_chains=run.num_chains, num_burnin=run.num_burnin,
                               num_draws=run.num_draws, chunk_size=run.chunk_size, progress=progress)
-    return Sampled(draws, np.asarray(state.diverged_at), state.kernel_state.position, float(step_size), run)
+    return sampled_of(state, draws, step_size, run)
+
+
+def sampled_of(state: ChainState, draws, step_size, run) -> Sampled:
+    """The :class:`~slt_jax.results.Sampled` record of a finished run (moments on the host)."""
+    moments = None if state.moments is None else jax.tree.map(np.asarray, state.moments)
+    return Sampled(draws, np.asarray(state.diverged_at), state.kernel_state.position, float(step_size), run,
+                   moments=moments)

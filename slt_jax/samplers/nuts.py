@@ -21,7 +21,7 @@ from slt_jax.data.batches import exact_loss
 from slt_jax.errors import DivergenceError, DivergenceWarning
 from slt_jax.posterior import LocalPosterior
 from slt_jax.results import Sampled
-from slt_jax.runner.chains import Draws
+from slt_jax.runner.chain import Draws
 
 DEFAULT_BATCH_SIZE = 4096
 NUTS = "nuts"  # the sampler name that selects this gold standard in estimate_llc

@@ -22,7 +22,8 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from slt_jax.runner.chains import ChainInputs, Draws, RunConfig, plan_chunks, run_chains
+from slt_jax.runner.chain import ChainInputs, Draws, RunConfig
+from slt_jax.runner.chains import plan_chunks, run_chains
 
 # Candidate burn-ins, as fractions of the run: up to three quarters, so that the last quarter
 # of a run that settled late can serve as its draws.

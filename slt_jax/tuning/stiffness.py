@@ -20,7 +20,7 @@ import numpy as np
 from slt_jax import keys
 from slt_jax.curvature import chain_stiffness
 from slt_jax.errors import CalibrationWarning
-from slt_jax.runner.chains import ChainInputs, RunConfig
+from slt_jax.runner.chain import ChainInputs, RunConfig
 from slt_jax.tuning.equilibration import Equilibrated, run_until_equilibrated
 from slt_jax.tuning.grid import stable_step
 
