@@ -58,6 +58,7 @@ _EXPORTS = {
     "ess_per_chain": "slt_jax.estimators.diagnostics",
     "estimate_free_energy": "slt_jax.temperature",
     "estimate_llc": "slt_jax.estimate",
+    "estimate_refined_llcs": "slt_jax.refined",
     "laplace_llc": "slt_jax.estimators.laplace",
     "list_steps": "slt_jax.trajectory.checkpoints",
     "llc_from_slope": "slt_jax.estimators.free_energy",
