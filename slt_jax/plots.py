@@ -177,6 +177,53 @@ def plot_llc_vs_step_size(
     return _finish(fig, path)
 
 
+def plot_component_curves(steps, curves: dict, *, loss=None, events=(), path=None, title=None) -> Figure:
+    """One λ̂ curve per component (e.g. every attention head's refined LLC) over training.
+
+    Args:
+      steps: checkpoint steps, shape ``(n,)``.
+      curves: name → ``(llc_mean, llc_se)``, each shape ``(n,)`` (NaN where a row is flagged:
+        left out of that component's line).
+      loss: optional loss at each checkpoint, drawn in a top panel.
+      events: steps to mark (e.g. a loss drop), dotted green.
+      path: optional PNG path to write.
+      title: optional figure title.
+
+    Returns:
+      The ``Figure``.
+    """
+    steps = _curve("steps", steps)
+    if not curves:
+        raise ValueError("curves is empty: pass at least one component")
+    loss = None if loss is None else _curve("loss", loss, steps.size)
+    fig = _figure(2 if loss is not None else 1, height_per_panel=2.8)
+    axes = fig.axes
+    if loss is not None:
+        axes[0].plot(steps, loss, color="0.3")
+        axes[0].set_ylabel("loss")
+        if np.all(loss > 0):
+            axes[0].set_yscale("log")
+    ax = axes[-1]
+    for k, (name, (mean, se)) in enumerate(curves.items()):
+        mean, se = np.asarray(mean, float), np.asarray(se, float)
+        if mean.shape != steps.shape or se.shape != steps.shape:
+            raise ValueError(f"curves[{name!r}] must hold two arrays of shape {steps.shape}")
+        keep = np.isfinite(mean) & np.isfinite(se)
+        color = f"C{k % 10}"
+        ax.plot(steps[keep], mean[keep], color=color, label=name, linestyle="-" if k < 10 else "--")
+        ax.fill_between(steps[keep], (mean - 2 * se)[keep], (mean + 2 * se)[keep], color=color, alpha=0.15)
+    ax.set_ylabel(_LLC_LABEL)
+    for panel in axes:
+        _step_axis(panel, steps)
+        for event in events:
+            panel.axvline(event, color="C2", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("step")
+    ax.legend(loc="best", fontsize="x-small", ncol=2 if len(curves) > 6 else 1)
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
 def _curve(name, array, size=None, *, non_negative=False):
     array = np.asarray(array, dtype=float)
     if array.ndim != 1 or (size is not None and array.size != size):

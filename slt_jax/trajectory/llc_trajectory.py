@@ -35,7 +35,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from slt_jax import settings as settings_lib
 from slt_jax import masks, validation
@@ -47,9 +46,9 @@ from slt_jax.posterior import default_nbeta
 from slt_jax.problem import make_problem
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.settings import AutoSettings, Precision, RunSettings
-from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
 from slt_jax.trajectory.curve import COLUMNS, LLCCurve
-from slt_jax.trajectory.store import ResultsStore
+from slt_jax.trajectory.loop import checkpoint_rows
 from slt_jax.tuning.auto import calibration_for
 from slt_jax.tuning.sweep import Calibration
 
@@ -222,52 +221,33 @@ def llc_trajectory(
     localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
     validation.check_positive("localization", localization, allow_zero=True)
     sampler_name = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler).name
-    available = list_steps(checkpoint_dir)
-    wanted = available if steps is None else sorted({int(s) for s in steps})
-    absent = [s for s in wanted if s not in available]
-    if absent:
-        raise ValueError(f"steps {absent} are not finished checkpoints in {str(checkpoint_dir)!r} "
-                         f"(it holds {available})")
-    if not wanted:
-        raise ValueError("steps is empty")
-    if calibrated and calibrate_at != "each" and calibrate_at not in available:
-        raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
-                         f"{str(checkpoint_dir)!r} (it holds {available})")
+    if calibrated and calibrate_at != "each":
+        available = list_steps(checkpoint_dir)
+        if calibrate_at not in available:
+            raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
+                             f"{str(checkpoint_dir)!r} (it holds {available})")
     settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
                          eval_data, param_mask, run, auto, precision, calibrate_at)
-    store = None if results_path is None else ResultsStore(results_path, settings)
-    done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
-    todo = [s for s in wanted if s not in done]
+    estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
+                    param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto, precision=precision,
+                    progress=False)
+    chosen = {"step_size": step_size}
 
-    rows = dict(done)
-    if todo:
-        if template is None:
-            template = infer_template(checkpoint_dir, todo[0], item, select)
-        estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
-                        param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto,
-                        precision=precision, progress=False)
+    def before(template):
         if calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
-            step_size = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item, select,
-                                        sampler, estimate, progress)
-        trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item,
-                                          select=select, steps=todo, prefetch=prefetch)
-        with tqdm(total=len(wanted), initial=len(done), disable=None if progress else True,
-                  desc="checkpoints", unit="ckpt") as bar:
-            for step, params in trajectory:
-                bar.set_postfix_str(f"step {step}")
-                result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=step_size,
-                                      **estimate)
-                where = None if not calibrated else (step if calibrate_at == "each" else calibrate_at)
-                row = llc_row(step, result, localization, where)
-                if store is not None:
-                    store.write(step, row)
-                rows[step] = row
-                if on_row is not None:
-                    on_row(row)
-                bar.set_postfix_str(f"step {step}: λ̂ = {row['llc_mean']:.3g}")
-                bar.update(1)
-    ordered = tuple(_from_store(rows[s]) for s in wanted)
-    return LLCCurve(rows=ordered, settings=settings)
+            chosen["step_size"] = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item,
+                                                  select, sampler, estimate, progress)
+
+    def compute(step, params):
+        result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=chosen["step_size"],
+                              **estimate)
+        return llc_row(step, result, localization,
+                       None if not calibrated else (step if calibrate_at == "each" else calibrate_at))
+
+    rows = checkpoint_rows(checkpoint_dir, compute, settings=settings, steps=steps, item=item, select=select,
+                           template=template, results_path=results_path, on_row=on_row, prefetch=prefetch,
+                           progress=progress, before=before, describe=lambda row: f"λ̂ = {row['llc_mean']:.3g}")
+    return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings)
 
 
 def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, select, sampler, estimate, progress):
