@@ -1,151 +1,106 @@
-"""``slt-jax``: parse a command line, call the library, write results. No maths here."""
+"""``slt-jax``: parse a command line (and a TOML file), call the library, write results. No maths here.
+
+Commands: ``llc`` (λ̂ at one point), ``trajectory`` (λ̂ at every checkpoint of an Orbax run),
+``calibrate`` (the step-size sweep at one point), ``demo`` (an embedded example). Each writes its
+results, figures and the resolved ``config.toml`` into ``--out``;
+``slt-jax COMMAND --config OUT/config.toml`` repeats a run.
+
+Errors. What the user typed or configured, and what the library refuses (a missing directory, a
+bad factory, a factory that raises, a bad setting, a step that is not a checkpoint, a results
+store written with other settings, an unknown TOML key), ends the command with one line on
+stderr, ``slt-jax COMMAND: message``, and no traceback: exit status 2 for the command line and
+its configuration, 1 for a run the library stopped (``ValueError``, ``OSError``,
+:class:`~slt_jax.CalibrationError`, :class:`~slt_jax.DivergenceError`). Anything else is a bug
+— in slt-jax or in the user's loss function — and keeps its traceback. ``--debug`` shows the
+traceback of every error. Warnings print as one line each, ``slt-jax COMMAND: warning: …``.
+"""
 
 import argparse
-import importlib
 import sys
-import time
-from pathlib import Path
+import warnings
+
+from slt_jax import __version__
+from slt_jax.cli import options
+from slt_jax.cli.options import RunFailed, UsageError
+from slt_jax.errors import CalibrationError, DivergenceError
 
 _DEMO_OUT = "slt-jax-demo"
+# Errors that carry a message meant for the user; others are bugs and keep their traceback.
+USER_ERRORS = (ValueError, OSError, CalibrationError, DivergenceError, RunFailed)
+
+_DESCRIPTIONS = {
+    options.LLC: (
+        "λ̂ at one point",
+        "Estimate the local learning coefficient at one point: a checkpoint step of an Orbax directory "
+        "(CHECKPOINT_DIR --step S) or the parameters returned by --model. Writes result.json, traces.png "
+        "(per-chain λ̂ traces) and config.toml into --out and prints a health summary."),
+    options.TRAJECTORY: (
+        "λ̂ at every checkpoint of an Orbax training run",
+        "Estimate the local learning coefficient at every checkpoint of an Orbax CheckpointManager directory; "
+        "write llc_curve.csv, llc_curve.json (with stage boundaries), llc_curve.png, early_warning.png (with "
+        "enough healthy rows) and config.toml into --out. Finished checkpoints are stored in OUT/results as "
+        "they complete, and a rerun resumes there."),
+    options.CALIBRATE: (
+        "the step-size sweep at one point",
+        "Sweep SGLD step sizes at one point (as for llc) in one compiled program, compare them at equal "
+        "simulated time and recommend the largest that agrees with the smaller ones. Prints the table; writes "
+        "calibration.json, calibration.png and config.toml into --out."),
+}
+_EPILOG = ("Every flag may also come from --config FILE.toml: keys are the long flag names (with - or _), at "
+           "the top level or in a [llc], [trajectory] or [calibrate] table; the command line overrides the file. "
+           "Errors print one line (exit 2: the command line or its config; 1: the run); --debug shows tracebacks.")
 
 
-def _load(spec: str, flag: str):
-    """``MODULE:ATTRIBUTE`` → the attribute, importing the module."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise SystemExit(f"slt-jax: {flag} must be MODULE:FACTORY, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise SystemExit(f"slt-jax: {flag} {spec!r}: cannot import {module_name!r} ({error})") from error
-    if not hasattr(module, attribute):
-        raise SystemExit(f"slt-jax: {flag} {spec!r}: module {module_name!r} has no {attribute!r}")
-    return getattr(module, attribute)
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _selector(path: str):
-    """``a/b/0`` → a function picking ``state["a"]["b"][0]`` out of a restored state."""
-    parts = [part for part in path.split("/") if part]
+class _Help(argparse.HelpFormatter):
+    """Appends each flag's default, read when help is printed: a settings flag's default is its
+    settings class's, and importing those imports JAX, which must wait for the command."""
 
-    def select(state):
-        for part in parts:
-            state = state[int(part)] if isinstance(state, (list, tuple)) else state[part]
-        return state
-
-    select.__qualname__ = f"select[{path}]"
-    return select
-
-
-def _trajectory(args) -> int:
-    import jax
-
-    from slt_jax.trajectory.llc_trajectory import llc_trajectory
-
-    model = _load(args.model, "--model")()
-    parts = model if isinstance(model, tuple) else (model,)
-    loss_fn, template = parts[0], (parts[1] if len(parts) > 1 else None)
-    if not callable(loss_fn):
-        raise SystemExit(f"slt-jax: --model {args.model!r} must return loss_fn or (loss_fn, params, ...)")
-    data = _load(args.data, "--data")()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sampler = {name: getattr(args, name) for name in (
-        "num_chains", "num_draws", "num_burnin", "steps_per_draw", "batch_size", "sampler",
-        "loss_estimator", "param_mask") if getattr(args, name) is not None}
-    steps = None if args.steps is None else [int(s) for s in args.steps.split(",") if s.strip()]
-    start = time.perf_counter()
-    try:
-        curve = llc_trajectory(
-            args.checkpoint_dir, loss_fn, data, jax.random.key(args.seed), step_size=args.step_size,
-            localization=args.localization, nbeta=args.nbeta, item=args.item,
-            select=None if args.select is None else _selector(args.select), steps=steps,
-            template=template, results_path=None if args.no_resume else out / "results",
-            progress=not args.quiet, **sampler,
-        )
-    except ValueError as error:
-        raise SystemExit(f"slt-jax trajectory: {error}") from error
-    stages = curve.stages(smoothing=args.smoothing) if curve.healthy.sum() >= 3 else None
-    paths = curve.write(out, stages=stages, seed=args.seed, title=str(args.checkpoint_dir))
-    print(curve)
-    if stages is not None:
-        print("stage boundaries at steps", ", ".join(f"{b:.0f}" for b in stages.boundaries))
-    print(f"{len(curve.rows)} checkpoints in {time.perf_counter() - start:.1f} s; wrote "
-          + ", ".join(str(p) for p in paths.values()))
-    return 0
+    def _get_help_string(self, action):
+        flag = getattr(action, "flag", None)
+        default = None if flag is None else flag.default_value()
+        if default is None or default is False and not flag.switch:
+            return action.help
+        return f"{action.help} (default {('on' if default else 'off') if flag.switch else default})"
 
 
-def _demo(args) -> int:
-    out = Path(args.out)
-    start = time.perf_counter()
-    if args.example == "llc":
-        from slt_jax.demos import llc
-
-        result = llc.run(seed=args.seed, progress=not args.quiet)
-        print(llc.report(result))
-        out.mkdir(parents=True, exist_ok=True)
-        result["result"].to_json(out / "llc_result.json")
-        print(f"  result written to {out / 'llc_result.json'}")
-    elif args.example == "grokking":
-        from slt_jax.demos import grokking
-
-        print(grokking.report(grokking.run(out, seed=args.seed, progress=not args.quiet)))
+def _add_flag(group, flag: options.Flag) -> None:
+    if flag.positional:
+        action = group.add_argument(flag.name, nargs="?", type=flag.parse, metavar=flag.metavar, help=flag.help)
+    elif flag.switch:
+        action = group.add_argument(flag.option, dest=flag.name, action=argparse.BooleanOptionalAction,
+                                    help=flag.help)
     else:
-        from slt_jax.demos import dln_trajectory
-
-        print(dln_trajectory.report(dln_trajectory.run(out, seed=args.seed, progress=not args.quiet)))
-    print(f"wall time {time.perf_counter() - start:.1f} s")
-    return 0
+        action = group.add_argument(flag.option, dest=flag.name, type=flag.parse, choices=flag.choices,
+                                    metavar=flag.metavar, help=flag.help)
+    action.flag = flag
 
 
-def _add_trajectory_parser(sub) -> None:
-    parser = sub.add_parser(
-        "trajectory", help="λ̂ at every checkpoint of an Orbax training run",
-        description="Estimate the local learning coefficient at every checkpoint of an Orbax "
-        "CheckpointManager directory; write llc_curve.csv, llc_curve.json (with stage "
-        "boundaries), llc_curve.png and early_warning.png into --out. Finished checkpoints are "
-        "stored in OUT/results as they complete, and a rerun resumes there.",
-    )
-    parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR",
-                        help="the directory given to orbax.checkpoint.CheckpointManager")
-    parser.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                        help="a function returning loss_fn, or (loss_fn, params_template, ...), "
-                        "where loss_fn(params, batch) is the mean per-sample loss")
-    parser.add_argument("--data", required=True, metavar="MODULE:FACTORY",
-                        help="a function returning the data pytree (arrays with a leading sample axis)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--item", metavar="NAME",
-                        help="the item holding the parameters in a composite checkpoint (e.g. params)")
-    parser.add_argument("--select", metavar="KEY[/KEY...]",
-                        help="path to the parameters inside a saved training state (e.g. params)")
-    parser.add_argument("--steps", metavar="S1,S2,...", help="only these checkpoint steps")
-    parser.add_argument("--step-size", type=float, required=True, metavar="EPS",
-                        help="SGLD step size ε")
-    parser.add_argument("--localization", type=float, metavar="GAMMA",
-                        help="localization γ (default nβ/10)")
-    parser.add_argument("--nbeta", type=float, help="inverse temperature times n (default n/log n)")
-    parser.add_argument("--num-chains", type=int, help="chains per checkpoint (default 8)")
-    parser.add_argument("--num-draws", type=int, help="recorded draws per chain (default 500)")
-    parser.add_argument("--num-burnin", type=int, help="burn-in steps per chain (default 500)")
-    parser.add_argument("--steps-per-draw", type=int, help="sampler steps between draws (default 1)")
-    parser.add_argument("--batch-size", type=int, help="minibatch size (default min(256, n))")
-    parser.add_argument("--sampler", help="sampler kernel name (default sgld)")
-    parser.add_argument("--loss-estimator", choices=["control_variate", "minibatch", "full_batch"],
-                        help="what each draw records (default control_variate)")
-    parser.add_argument("--param-mask", metavar="REGEX",
-                        help="sample only parameters whose pytree path matches (weight-refined LLC)")
-    parser.add_argument("--seed", type=int, default=0, help="root PRNG seed (default 0)")
-    parser.add_argument("--smoothing", type=float, default=0.1,
-                        help="stage-detection kernel width in decades of steps (default 0.1)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="do not store per-checkpoint results in OUT/results (no resume)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_trajectory)
+def _add_command(sub, command: str) -> None:
+    summary, description = _DESCRIPTIONS[command]
+    parser = sub.add_parser(command, help=summary, description=description, epilog=_EPILOG,
+                            argument_default=argparse.SUPPRESS, formatter_class=_Help)
+    groups = {}
+    for flag in options.flags_of(command):
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(options.GROUP_TITLES[flag.group])
+        _add_flag(groups[flag.group], flag)
+    parser.add_argument("--config", metavar="FILE.toml", help="read flags from a TOML file (the command line "
+                        "overrides it); OUT/config.toml repeats a run")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``slt-jax`` argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(prog="slt-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="slt-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"slt-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="run an embedded example end to end",
         description="Run an embedded example. The default trains a deep linear network that "
@@ -158,18 +113,58 @@ def build_parser() -> argparse.ArgumentParser:
         "modular addition learned with weight decay",
     )
     demo.add_argument("--seed", type=int, default=0, help="root PRNG seed (default 0)")
-    demo.add_argument("--out", default=_DEMO_OUT, metavar="DIR",
-                      help=f"output directory (default ./{_DEMO_OUT})")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.set_defaults(func=_demo)
-    _add_trajectory_parser(sub)
+    demo.add_argument("--out", default=_DEMO_OUT, metavar="DIR", help=f"output directory (default ./{_DEMO_OUT})")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    for command in options.COMMANDS:
+        _add_command(sub, command)
+    parser.commands = sub.choices  # each command's parser, for its own error line
     return parser
 
 
+def _show_warning(command):
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        print(f"slt-jax {command}: warning: {category.__name__}: {text}", file=sys.stderr, flush=True)
+    return show
+
+
+def _run(args) -> int:
+    from slt_jax.cli import commands
+
+    if args.command == "demo":
+        return commands.demo(args)
+    given = {name: value for name, value in vars(args).items() if name not in ("command", "config", "debug")}
+    values = options.resolve(args.command, given, getattr(args, "config", None))
+    return commands.COMMANDS[args.command](values)
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``slt-jax`` command."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Entry point of the ``slt-jax`` command.
+
+    Returns 0 when the command succeeded; otherwise exits (``SystemExit``) with status 2 (the
+    command line or its configuration) or 1 (the run failed), after one line on stderr.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning(args.command)
+        try:
+            return _run(args)
+        except USER_ERRORS as error:
+            if getattr(args, "debug", False):
+                raise
+            message = " ".join(str(error).splitlines()[0].split()) if str(error) else type(error).__name__
+            print(f"slt-jax {args.command}: {message}", file=sys.stderr, flush=True)
+            raise SystemExit(2 if isinstance(error, UsageError) else 1) from None
+        except KeyboardInterrupt as interrupt:
+            if getattr(args, "debug", False):
+                raise
+            hint = f"; {interrupt}" if str(interrupt) else ""
+            print(f"slt-jax {args.command}: interrupted{hint}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
