@@ -181,9 +181,12 @@ def plot_llc_vs_step_size(
 
 def plot_llc_traces(
     llc_trace, *, steps, burnin, llc_mean=None, llc_se=None, diverged=(), escaped=(),
-    distance_trace=None, burnin_label=None, title=None, path=None,
+    distance_trace=None, burnin_label=None, title=None, path=None, max_points=4000,
 ) -> Figure:
     """Per-chain λ̂ traces (one line per chain) with the burn-in marked and bad chains highlighted.
+
+    Traces longer than ``max_points`` draws are drawn at every k-th draw (a calibrated run can
+    record hundreds of thousands); the estimate's line and band are those of all draws.
 
     Args:
       llc_trace: per-draw λ̂ values, shape ``(chains, draws)``; non-finite values (a diverged
@@ -197,6 +200,7 @@ def plot_llc_traces(
       burnin_label: legend text of the burn-in band (default "burn-in (not recorded)").
       title: optional figure title.
       path: optional PNG path to write.
+      max_points: the most draws per chain drawn.
 
     Returns:
       The ``Figure``.
@@ -219,6 +223,8 @@ def plot_llc_traces(
         if distance.shape != trace.shape:
             raise ValueError(f"distance_trace must have the shape of llc_trace {trace.shape}, got {distance.shape}")
         panels.append(("distance", distance))
+    stride = max(1, -(-trace.shape[1] // max_points))
+    steps, panels = steps[::stride], [(kind, values[:, ::stride]) for kind, values in panels]
 
     fig = _figure(len(panels), height_per_panel=2.6)
     for ax, (kind, values) in zip(fig.axes, panels):

@@ -140,7 +140,8 @@ class LLCResult:
         rhat = "R-hat not finite (constant trace?)" if not np.isfinite(d.rhat) else (
             f"R-hat {d.rhat:.3f} ({'FLAGGED: above' if d.rhat > RHAT_THRESHOLD else 'ok, ≤'} {RHAT_THRESHOLD})")
         needed = MIN_ESS_PER_CHAIN * max(healthy, 1)
-        ess = f"ESS {d.ess:.0f} ({'ok, ≥' if d.ess >= needed else 'LOW: below'} {needed} = {MIN_ESS_PER_CHAIN} per chain)"
+        verdict = "ok, ≥" if d.ess >= needed else "LOW: below"
+        ess = f"ESS {d.ess:.0f} ({verdict} {needed} = {MIN_ESS_PER_CHAIN} per chain)"
         return f"{rhat}; {ess}; MCSE {d.mcse:.2g}"
 
     def plot_traces(self, path=None, *, distance: bool = True, title: str | None = None):

@@ -138,7 +138,8 @@ def test_config_files_merge_under_the_command_line(tmp_path):
     assert tomllib.loads(written.read_text())["trajectory"]["steps"] == [0, 10]
 
     for text, message in [("num_chain = 4", "unknown key 'num_chain'; did you mean 'num-chains'"),
-                          ("[llc]\ncalibrate_at = 3", r"unknown key 'calibrate_at' in \[llc\] \(a flag of trajectory\)"),
+                          ("[llc]\ncalibrate_at = 3",
+                           r"unknown key 'calibrate_at' in \[llc\] \(a flag of trajectory\)"),
                           ("[estimate]\nx = 1", r"unknown table \[estimate\]"),
                           ("num_chains = 'many'", "num_chains: expected an integer, got 'many'"),
                           ("quiet = 1", "quiet: expected true or false"),

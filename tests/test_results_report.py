@@ -85,7 +85,8 @@ def test_diverged_chains_are_named_drawn_and_their_warning_kept(problem, tmp_pat
     fig = diverging.plot_traces(tmp_path / "traces.png")
     assert (tmp_path / "traces.png").read_bytes()[:4] == b"\x89PNG" and len(fig.axes) == 2
     labels = [line.get_label() for line in fig.axes[0].lines]
-    assert labels.count("diverged chain") == 1 and sum(line.get_color() == "C3" for line in fig.axes[0].lines) == len(bad)
+    assert labels.count("diverged chain") == 1
+    assert sum(line.get_color() == "C3" for line in fig.axes[0].lines) == len(bad)
     assert any("burn-in: 100 steps" in text.get_text() for text in fig.axes[0].get_legend().get_texts())
 
 

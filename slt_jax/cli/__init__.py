@@ -16,6 +16,7 @@ traceback of every error. Warnings print as one line each, ``slt-jax COMMAND: wa
 """
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -153,6 +154,10 @@ def main(argv=None) -> int:
         warnings.showwarning = _show_warning(args.command)
         try:
             return _run(args)
+        except BrokenPipeError:  # the reader went away (`slt-jax ... | head`): nothing left to say
+            # Python's recipe: stdout to devnull, so that the interpreter's last flush does not fail too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
         except USER_ERRORS as error:
             if getattr(args, "debug", False):
                 raise

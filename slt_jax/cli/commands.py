@@ -354,7 +354,7 @@ def trajectory(values: dict) -> int:
         except ValueError as error:
             notes.append(f"stages skipped: {error}")
     paths = curve.write(out, stages=stages, seed=values["seed"], title=str(values["checkpoint_dir"]))
-    notes += [f"{reason} (skipped)" for reason in paths.skipped.values()]
+    notes += list(paths.skipped.values())
     _say(curve.summary(stages))
     _finish(notes, [*paths.values(), out / "config.toml"], start)
     return 0

@@ -189,16 +189,17 @@ class LLCCurve:
         keep = self.healthy
         healthy = int(keep.sum())
         if not healthy:
-            paths.skipped["plot"] = f"llc_curve.png: no healthy rows to plot ({len(self.rows)} flagged or without λ̂)"
+            paths.skipped["plot"] = (f"llc_curve.png skipped: no healthy rows to plot ({len(self.rows)} flagged "
+                                     "or without λ̂)")
         else:
             try:
                 self.plot(out / "llc_curve.png", stages=stages, loss=loss, events=events, title=title)
                 paths["plot"] = out / "llc_curve.png"
             except ValueError as error:
-                paths.skipped["plot"] = f"llc_curve.png: {error}"
+                paths.skipped["plot"] = f"llc_curve.png skipped: {error}"
         if healthy < MIN_EARLY_WARNING_ROWS:
             paths.skipped["early_warning"] = (
-                f"early_warning.png: the indicators need at least {MIN_EARLY_WARNING_ROWS} healthy rows "
+                f"early_warning.png skipped: the indicators need at least {MIN_EARLY_WARNING_ROWS} healthy rows "
                 f"(a rolling window of half of them, at least 4), the curve has {healthy}")
         else:
             try:
@@ -209,7 +210,7 @@ class LLCCurve:
                                    path=out / "early_warning.png")
                 paths["early_warning"] = out / "early_warning.png"
             except ValueError as error:
-                paths.skipped["early_warning"] = f"early_warning.png: {error}"
+                paths.skipped["early_warning"] = f"early_warning.png skipped: {error}"
         return paths
 
     def to_arviz(self) -> dict:

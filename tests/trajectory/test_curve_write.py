@@ -46,7 +46,7 @@ def test_an_all_flagged_curve_writes_its_numbers(tmp_path):
     curve = curve_of(row(step, flagged=True, escaped=8) for step in (0, 10, 300))
     paths = curve.write(tmp_path, title="all flagged")
     assert set(paths) == {"csv", "json"} and set(paths.skipped) == {"plot", "early_warning"}
-    assert paths.skipped["plot"] == "llc_curve.png: no healthy rows to plot (3 flagged or without λ̂)"
+    assert paths.skipped["plot"] == "llc_curve.png skipped: no healthy rows to plot (3 flagged or without λ̂)"
     assert [r["llc_mean"] for r in json.loads(paths["json"].read_text())["rows"]] == [None, None, None]
     text = str(curve)
     assert "3 checkpoints, 0 healthy" in text and "steps 0 (8 escaped), 10 (8 escaped), 300 (8 escaped)" in text
