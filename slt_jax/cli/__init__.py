@@ -99,7 +99,9 @@ def _add_command(sub, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``slt-jax`` argument parser with its subcommands."""
-    parser = _Parser(prog="slt-jax", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="slt-jax", description="The local learning coefficient λ̂ of a model: at one point "
+                     "(llc), at every checkpoint of an Orbax training run (trajectory), and the step-size sweep "
+                     "behind it (calibrate).", epilog="slt-jax COMMAND --help lists the flags of each command.")
     parser.add_argument("--version", action="version", version=f"slt-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
