@@ -56,7 +56,7 @@ _EXPORTS = {
     "dln_learning_coefficient": "slt_jax.groundtruth",
     "early_warning": "slt_jax.curves.early_warning",
     "effective_sample_size": "slt_jax.estimators.diagnostics",
-    "escaped_chains": "slt_jax.trajectory.llc_trajectory",
+    "escaped_chains": "slt_jax.estimators.llc",
     "ess_per_chain": "slt_jax.estimators.diagnostics",
     "estimate_free_energy": "slt_jax.temperature",
     "estimate_llc": "slt_jax.estimate",

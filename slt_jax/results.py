@@ -15,7 +15,7 @@ import numpy as np
 from slt_jax import settings as settings_lib
 from slt_jax import validation
 from slt_jax.estimators.diagnostics import DEFAULT_RHAT_THRESHOLD, chain_diagnostics
-from slt_jax.estimators.llc import llc_draws, llc_statistics
+from slt_jax.estimators.llc import escaped_chains, llc_draws, llc_statistics
 from slt_jax.runner import divergence
 from slt_jax.serialization import dump_json, json_safe
 
@@ -80,8 +80,6 @@ class LLCResult:
 
         They are part of ``llc_mean`` here; an LLC curve's row leaves them out and flags the step.
         """
-        from slt_jax.trajectory.llc_trajectory import escaped_chains  # loads the trajectory tools
-
         diverged = np.zeros(len(self.llc_per_chain), bool)
         diverged[self.diverged_chains] = True
         with np.errstate(invalid="ignore"):

@@ -40,7 +40,7 @@ from slt_jax import settings as settings_lib
 from slt_jax import masks, validation
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
-from slt_jax.estimators.llc import llc_statistics
+from slt_jax.estimators.llc import escaped_chains, llc_statistics
 from slt_jax.paths import checkpoint_path
 from slt_jax.posterior import default_nbeta
 from slt_jax.problem import make_problem
@@ -53,47 +53,6 @@ from slt_jax.tuning.auto import calibration_for
 from slt_jax.tuning.sweep import Calibration
 
 DEFAULT_LOCALIZATION_PER_NBETA = 0.1
-
-
-def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localization: float,
-                   escape_llc: float = 10.0, distance_factor: float = 2.0):
-    """Which chains slid away from w* instead of sampling around it.
-
-    A chain has escaped when either
-
-    - its λ̂ is below ``−escape_llc`` (−10): at a local minimum every exact draw of
-      ``nβ·(L(w_t) − L(w*))`` is ≥ 0, so a chain averaging 10 nats below w*'s tempered loss
-      found a way down (minibatch noise in the control-variate draws averages out far below
-      that); or
-    - its mean ``‖w_t − w*‖²`` over the second half of its draws exceeds
-      ``distance_factor·num_sampled/γ`` (2×). The localizer alone gives
-      ``E‖w − w*‖² = num_sampled/γ``, and a loss that does not decrease along any ray from w*
-      only shrinks it (the radial weight ``exp(−nβ·ΔL)`` is non-increasing, and the Gaussian
-      radius is independent of the direction), so a chain twice as far out was pulled by lower
-      loss.
-
-    Args:
-      llc_per_chain: λ̂ of each chain, shape ``(chains,)``.
-      distance_trace: ``‖w_t − w*‖²`` per draw, shape ``(chains, draws)``.
-      num_sampled: number of sampled parameters (those the mask leaves free).
-      localization: γ; with γ = 0 only the λ̂ rule applies.
-      escape_llc, distance_factor: the two rules' thresholds.
-
-    Returns:
-      Boolean array, shape ``(chains,)``.
-    """
-    llc_per_chain = np.asarray(llc_per_chain, np.float64)
-    distance = np.asarray(distance_trace, np.float64)
-    if distance.ndim != 2 or distance.shape[0] != llc_per_chain.shape[0]:
-        raise ValueError(
-            f"distance_trace must have shape (chains, draws) = ({llc_per_chain.shape[0]}, …), "
-            f"got {distance.shape}"
-        )
-    slid = llc_per_chain < -escape_llc
-    if localization > 0:
-        late = distance[:, distance.shape[1] // 2:].mean(axis=1)
-        slid |= late > distance_factor * num_sampled / localization
-    return slid
 
 
 def llc_row(step: int, result, localization: float, calibrated_at=None) -> dict:
@@ -207,7 +166,9 @@ def llc_trajectory(
         :class:`~slt_jax.Calibration`).
 
     Returns:
-      An :class:`LLCCurve` with one row per requested step.
+      An :class:`LLCCurve` with one row per requested step; ``curve.results`` holds the
+      :class:`~slt_jax.LLCResult` (draws included) of every step computed in this call (not of
+      steps read back from ``results_path``), for ``curve.to_arviz()`` and trace plots.
     """
     checkpoint_dir = checkpoint_path(checkpoint_dir)
     run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
@@ -231,7 +192,7 @@ def llc_trajectory(
     estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
                     param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto, precision=precision,
                     progress=False)
-    chosen = {"step_size": step_size}
+    chosen, results = {"step_size": step_size}, {}
 
     def before(template):
         if calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
@@ -241,13 +202,15 @@ def llc_trajectory(
     def compute(step, params):
         result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=chosen["step_size"],
                               **estimate)
+        results[step] = result
         return llc_row(step, result, localization,
                        None if not calibrated else (step if calibrate_at == "each" else calibrate_at))
 
     rows = checkpoint_rows(checkpoint_dir, compute, settings=settings, steps=steps, item=item, select=select,
                            template=template, results_path=results_path, on_row=on_row, prefetch=prefetch,
                            progress=progress, before=before, describe=lambda row: f"λ̂ = {row['llc_mean']:.3g}")
-    return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings)
+    return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings,
+                    results=results or None)
 
 
 def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, select, sampler, estimate, progress):

@@ -7,9 +7,12 @@ import csv
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import slt_jax
 from slt_jax.trajectory.curve import COLUMNS, MIN_EARLY_WARNING_ROWS, LLCCurve
 
 
@@ -85,3 +88,21 @@ def test_to_arviz_needs_the_draws():
         curve.to_arviz()
     assert set(COLUMNS) == set(row(0))
     np.testing.assert_array_equal(curve.steps, [0])
+
+
+def test_a_trajectory_keeps_its_computed_results_for_arviz(tmp_path):
+    pytest.importorskip("arviz")
+    import orbax.checkpoint as ocp
+
+    x = jax.random.normal(jax.random.key(0), (256, 2))
+    data = {"x": x, "y": x @ jnp.array([1.0, -1.0])}
+    loss_fn = lambda p, b: 0.5 * jnp.mean(jnp.square(b["x"] @ p["w"] - b["y"]))
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        for step in (0, 1):
+            manager.save(step, args=ocp.args.StandardSave({"w": jnp.array([1.0, -1.0])}))
+        manager.wait_until_finished()
+    curve = slt_jax.llc_trajectory(tmp_path / "ckpt", loss_fn, data, jax.random.key(1), step_size=1e-3,
+                                   localization=1.0, num_chains=2, num_burnin=20, num_draws=20, batch_size=32,
+                                   progress=False)
+    exported = curve.to_arviz()
+    assert sorted(exported) == [0, 1] and exported[0].posterior["llc"].shape == (2, 20)
