@@ -138,7 +138,7 @@ def sgd_run(params, data, batch_size, num_steps):
     @jax.jit
     def train(params, key):
         def body(p, t):
-            batch = minibatch(jax.random.fold_in(key, t), data, batch_size)
+            batch, _ = minibatch(jax.random.fold_in(key, t), data, batch_size)
             loss, grad = jax.value_and_grad(mlp_loss)(p, batch)
             return jax.tree.map(lambda w, g: w - LEARNING_RATE * g, p, grad), loss
 

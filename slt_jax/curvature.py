@@ -78,7 +78,7 @@ def full_batch_top_eigenvalue(loss_fn, params, data, key, *, mask=None, batch_si
     return float(_full_batch_top(loss_fn, params, data, probe, mask, batch_size))
 
 
-_probe_batch = jax.jit(minibatch, static_argnums=2)
+_probe_batch = jax.jit(lambda key, data, rows: minibatch(key, data, rows)[0], static_argnums=2)
 
 
 def probe_batch(key, data):
