@@ -143,6 +143,7 @@ def summarize(problem, sampled: Sampled, *, sampler: str, key) -> LLCResult:
     recorded = {**problem.record(), **settings_lib.to_dict(run), "batch_size": problem.batch_size,
                 "divergence_threshold": problem.divergence_threshold(run), "step_size": sampled.step_size,
                 "sampler": sampler, "key": validation.key_data(key), "calibration": None, "equilibration": None,
+                "step_check": None,
                 **(sampled.record or {})}
     return LLCResult(
         llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se, llc_per_chain=stats.llc_per_chain,

@@ -62,6 +62,11 @@ class RunSettings:
       divergence_threshold: a chain diverges when ``nβ·(L_B(w_t) − L_n(w*))`` exceeds this;
         ``None`` for ``10·d + 100 + 20·nβ·std(L_B(w*))``.
       on_divergence: ``"warn"`` (diverged chains are named and excluded) or ``"raise"``.
+      check_step: after a run at a fixed step size, check it where the chains ended: the
+        kernel's stability rule at their positions (a ``CalibrationWarning`` naming a smaller
+        step when ε exceeds it), the kernel's own health (SGNHT's kinetic temperature) and
+        whether λ̂ still trends between the halves of the draws; the record, with its cost in
+        seconds, is ``settings["step_check"]`` (docs/calibration.md). ``False`` skips it.
     """
 
     num_chains: int = 8
@@ -73,6 +78,7 @@ class RunSettings:
     chunk_size: int | None = None
     divergence_threshold: float | None = None
     on_divergence: str = "warn"
+    check_step: bool = True
 
     DEFAULT_BATCH_SIZE = 256  # a class constant, not a field
 
@@ -89,6 +95,8 @@ class RunSettings:
         _positive("divergence_threshold", self.divergence_threshold, allow_none=True)
         if self.on_divergence not in ("warn", "raise"):
             raise ValueError(f"on_divergence={self.on_divergence!r} must be 'warn' or 'raise'")
+        if not isinstance(self.check_step, bool):
+            raise ValueError(f"check_step must be True or False, got {self.check_step!r}")
 
     def batch_size_for(self, n: int) -> int:
         """The minibatch size for a dataset of ``n`` rows (checked against n)."""

@@ -4,6 +4,7 @@ Lau et al., arXiv:2308.12108: ``λ̂(w*) = nβ·(E_{w∼p}[L_n(w)] − L_n(w*))`
 the localized tempered posterior estimated by the mean of the draws of each chain.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -55,3 +56,27 @@ def llc_statistics(draws, healthy) -> LLCStatistics:
         return LLCStatistics(float("nan"), float("nan"), float("nan"), per_chain)
     std = float(good.std(ddof=1)) if good.size > 1 else float("nan")
     return LLCStatistics(float(good.mean()), std, std / np.sqrt(good.size), per_chain)
+
+
+def halves_trend(draws) -> tuple[float, float]:
+    """How much λ̂ moved within a run: second-half minus first-half mean, taken chain by chain.
+
+    The difference is formed per chain and averaged, with its standard error from the spread of
+    the chains' differences, so chains that sit at different levels — the slow modes of
+    singular posteriors — do not hide a shared climb (docs/mathematics.md §3.7). With a single
+    chain the standard error comes from the halves' own spreads (ignoring autocorrelation).
+
+    Args:
+      draws: per-draw λ̂ of the healthy chains, ``(chains, draws)``, at least 2 draws.
+
+    Returns:
+      ``(difference, standard error)``.
+    """
+    draws = np.asarray(draws, np.float64)
+    half = draws.shape[1] // 2
+    first, second = draws[:, :half], draws[:, half:]
+    paired = second.mean(axis=1) - first.mean(axis=1)
+    if paired.size > 1:
+        return float(paired.mean()), float(np.std(paired, ddof=1) / math.sqrt(paired.size))
+    spread = lambda x: float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    return float(paired.mean()), math.hypot(spread(first), spread(second))

@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slt_jax.posterior import LocalPosterior
-from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
+from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm, Stability
 from slt_jax.samplers.noise import tree_normal
 
 PyTree = Any
@@ -113,7 +114,29 @@ def sgnht_kernel(diffusion: float = DEFAULT_DIFFUSION) -> KernelFactory:
     def build(step_size, posterior):
         return sgnht(step_size, posterior, diffusion=diffusion)
 
-    return KernelFactory(name, build)
+    # Along a direction of curvature a: w_{t+1} = (2 − ζ − εa)·w_t − (1 − ζ)·w_{t−1} + noise, with
+    # characteristic polynomial x² − (2 − ζ − εa)x + (1 − ζ); both roots lie inside the unit
+    # circle (Jury) iff 0 < ζ < 2 and 0 < εa < 4 − 2ζ (docs/mathematics.md §2.4).
+    stability = Stability(limit=4.0 - 2.0 * diffusion, state_limit=lambda state: 4.0 - 2.0 * np.clip(
+        np.asarray(state.thermostat, np.float64), 0.0, 2.0), health=thermostat_health)
+    return KernelFactory(name, build, stability)
+
+
+def thermostat_health(info, rtol: float, z: float):
+    """Why the thermostat has not settled, or ``None``: the mean kinetic temperature ``‖u‖²/(dε)``
+    over the window must be 1 within ``rtol`` plus ``z`` standard errors (chain spread). At a
+    stationary thermostat E[T] = 1 exactly (ζ integrates ε(T − 1)); a hot chain's positions
+    are spread wider than the posterior's, and λ̂ reads high by about as much as T exceeds 1."""
+    temperature = np.asarray(info.kinetic_temperature, np.float64)
+    if temperature.size == 0:
+        return None
+    per_chain = temperature.mean(axis=1)
+    se = float(per_chain.std(ddof=1) / np.sqrt(per_chain.size)) if per_chain.size > 1 else 0.0
+    mean = float(per_chain.mean())
+    if abs(mean - 1.0) > rtol + z * se:
+        return (f"kinetic temperature {mean:.3f} ± {se:.2g}, not 1: the thermostat has not absorbed the minibatch "
+                f"heat (docs/mathematics.md §2.4)")
+    return None
 
 
 SGNHT = sgnht_kernel()

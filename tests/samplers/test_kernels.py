@@ -97,7 +97,10 @@ def test_sgld_stationary_llc_on_a_quadratic_matches_the_finite_step_closed_form(
     loss = lambda w, batch: 0.5 * jnp.sum(h * w["w"] ** 2) + 0.0 * jnp.sum(batch["x"])
     r = slt_jax.estimate_llc(loss, {"w": jnp.zeros(4)}, {"x": jnp.zeros((64, 1))}, jax.random.key(seed),
                              step_size=eps, localization=gamma, nbeta=nbeta, num_chains=8, num_draws=4000,
-                             num_burnin=200, batch_size=8, sampler=sampler, progress=False)
+                             num_burnin=200, batch_size=8, sampler=sampler, progress=False, check_step=False)
+    # check_step=False: ε·(nβh_max + γ) = 1.002 sits on the stability rule on purpose (the
+    # closed form is tested where the step's bias is large); the check's warning is tested in
+    # tests/tuning/test_checks.py.
     assert r.settings["sampler"] == sampler
     assert abs(r.llc_mean - exact) < 4 * r.llc_se, (r.llc_mean, r.llc_se, exact)
     assert abs(exact - 0.5 * float(np.sum(nbeta * h / (nbeta * h + gamma)))) > 8 * r.llc_se  # ε matters
