@@ -135,6 +135,13 @@ class SweepSettings:
       min_window_draws: draws the largest step size gets in its window, at least.
       check_z: standard errors by which a trend or a negative λ̂ must be significant to count.
       min_mala_acceptance: acceptance below which a step size counts as unstable.
+      max_grid_extensions: how many times the grid may extend down, one step size (ε_min/f,
+        run for T/ε steps: f× the steps, at equal simulated time) per round, while no two
+        consecutive step sizes are stable and agree. Round k costs ``num_chains·num_steps·f^k``
+        chain-steps: with the defaults at most 2 + 4 + 8 = 14 × ``num_chains·num_steps`` on top
+        of the grid's 4 × (docs/calibration.md).
+      on_unverified: past that budget, ``"raise"`` (:class:`~slt_jax.CalibrationError`) or
+        ``"warn"`` (use the smallest stable step, unverified, with a ``CalibrationWarning``).
     """
 
     num_chains: int = 4
@@ -149,10 +156,15 @@ class SweepSettings:
     min_window_draws: int = 20
     check_z: float = 3.0
     min_mala_acceptance: float = 0.7
+    max_grid_extensions: int = 3
+    on_unverified: str = "raise"
 
     def __post_init__(self):
         for name in ("num_chains", "num_steps", "grid_points", "min_window_draws"):
             _positive_int(name, getattr(self, name))
+        _positive_int("max_grid_extensions", self.max_grid_extensions, allow_zero=True)
+        if self.on_unverified not in ("raise", "warn"):
+            raise ValueError(f"on_unverified={self.on_unverified!r} must be 'raise' or 'warn'")
         if not 0 < self.burnin_fraction < 1:
             raise ValueError(f"burnin_fraction must lie in (0, 1), got {self.burnin_fraction!r}")
         _positive("rtol", self.rtol)

@@ -30,12 +30,22 @@ class StepChoice(NamedTuple):
       reason: why, per step size.
       step_size: the recommended step size, or ``None`` when none is ``"ok"``.
       why: why that one.
+      verified: whether two consecutive step sizes are stable and agree (the pick is checked
+        against a smaller one); an unverified pick is the smallest stable step alone.
+      pair: the two step sizes that agreed ``(smaller, larger)``, or ``None``.
+      bias: the pick's step-size bias, extrapolated linearly in ε from the agreeing steps
+        below it (or, for the smallest of the pair, from the step above): ``estimate``
+        (signed), ``se``, ``bound`` (κ·(|Δλ̂| + z·se), what the pick must keep within
+        ``rtol·|λ̂_ref|``) and ``kappa``; ``None`` when unverified.
     """
 
     status: tuple
     reason: tuple
     step_size: float | None
     why: str
+    verified: bool = False
+    pair: tuple | None = None
+    bias: dict | None = None
 
 
 def _instability(mean, se, mala, check_z, min_mala_acceptance) -> str | None:
@@ -61,8 +71,17 @@ def _drift(trend, trend_se, ref_trend, ref_trend_se, scale, rtol, check_z) -> st
     return None
 
 
+def _bias(step, mean, se, ref_step, ref_mean, ref_se, z) -> dict:
+    """The step-size bias at ``step``, extrapolated linearly in ε through a reference at
+    ``ref_step``: if λ̂(ε) = λ₀ + b·ε, then b·ε = κ·(λ̂(ε) − λ̂(ε_ref)) with κ = ε/(ε − ε_ref)."""
+    kappa = step / (step - ref_step)
+    diff, diff_se = mean - ref_mean, math.hypot(se, ref_se)
+    return {"estimate": kappa * diff, "se": abs(kappa) * diff_se, "bound": abs(kappa) * (abs(diff) + z * diff_se),
+            "kappa": kappa}
+
+
 def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None, mala_acceptance=None,
-                     diverged=None, rtol: float = 0.05, z: float = 1.0, check_z: float = 3.0,
+                     diverged=None, unhealthy=None, rtol: float = 0.05, z: float = 1.0, check_z: float = 3.0,
                      min_mala_acceptance: float = 0.7) -> StepChoice:
     """Classify one setting's step sizes and pick the largest that is stable and agrees.
 
@@ -86,6 +105,8 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
         error (default 0: not checked); compared with the reference's.
       mala_acceptance: Metropolis acceptance per step size (default NaN: not checked).
       diverged: diverged chains per step size (default 0).
+      unhealthy: per step size, why the kernel's own health test failed (e.g. SGNHT's kinetic
+        temperature), or ``None``; a reason makes the group ``"unstable"``.
       rtol: relative tolerance of the agreement test.
       z: standard errors added to the difference in that test.
       check_z: standard errors by which a trend or a negative λ̂ must be significant to count.
@@ -105,6 +126,9 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
     mean, se = fill(llc_mean, np.nan), fill(llc_se, np.nan)
     trend, trend_se = fill(trend, 0.0), fill(trend_se, 0.0)
     mala, diverged = fill(mala_acceptance, np.nan), fill(diverged, 0.0)
+    unhealthy = [None] * k if unhealthy is None else list(unhealthy)
+    if len(unhealthy) != k:
+        raise ValueError(f"unhealthy must have one entry per step size ({k}), got {len(unhealthy)}")
     for name, x in (("llc_mean", mean), ("llc_se", se), ("trend", trend), ("trend_se", trend_se),
                     ("mala_acceptance", mala), ("diverged", diverged)):
         if x.shape != (k,):
@@ -117,16 +141,18 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
             status[g], reason[g] = "diverged", f"{int(diverged[g])} chain(s) diverged"
         elif (why := _instability(mean[g], se[g], mala[g], check_z, min_mala_acceptance)) is not None:
             status[g], reason[g] = "unstable", why
+        elif unhealthy[g]:
+            status[g], reason[g] = "unstable", unhealthy[g]
         elif first is None:
             status[g], reason[g] = "ok", "reference: the smallest stable step size"
-            accepted.append((mean[g], se[g]))
+            accepted.append((mean[g], se[g], step_sizes[g]))
             first = g
             continue
         elif (why := _drift(trend[g], trend_se[g], trend[first], trend_se[first], mean[first], rtol,
                             check_z)) is not None:
             status[g], reason[g] = "unstable", why
         else:
-            ref, ref_se = _pooled(accepted)
+            ref, ref_se = _pooled([a[:2] for a in accepted])
             diff, diff_se = mean[g] - ref, math.hypot(se[g], ref_se)
             text = (f"λ̂ {diff / ref:+.1%} from the smaller step sizes' {ref:.4g} "
                     f"(se of the difference {abs(diff_se / ref):.1%}, tolerance {rtol:.0%})")
@@ -134,7 +160,7 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
                 status[g], reason[g] = "biased", text
             elif failed_at is None:
                 status[g], reason[g] = "ok", text
-                accepted.append((mean[g], se[g]))
+                accepted.append((mean[g], se[g], step_sizes[g]))
                 continue
             else:
                 status[g], reason[g] = "skipped", f"{text}; above the failed step size {failed_at:.3g}"
@@ -147,11 +173,39 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
         return StepChoice(tuple(status), tuple(reason), None,
                           "every step size diverged or was unstable: lower step_sizes, or check that w* "
                           "is a minimum")
-    best = ok[-1]
     if len(ok) == 1:
+        best = ok[0]
         why = "the only stable step size: nothing smaller to check it against — extend step_sizes down"
-    else:
+        if best + 1 < k:
+            why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
+        return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why)
+    # Verified: the "ok" steps are consecutive grid points that agree. The largest of them may
+    # still carry a bias up to ~κ = ε/(ε − ε_ref) times its difference from the smaller ones
+    # (2× for a pair a factor 2 apart, if the bias is linear in ε): pick the largest whose
+    # extrapolated bias bound fits the tolerance. The smallest "ok" step always may be picked:
+    # its bias, extrapolated from the step above it, is that pair's difference times
+    # ε_ref/(ε_up − ε_ref) (1 for a factor 2), which the agreement test has bounded.
+    bounds = {}
+    for i, g in enumerate(ok[1:], start=1):
+        below = [(mean[j], se[j]) for j in ok[:i]]
+        ref, ref_se = _pooled(below)
+        weights = np.array([1.0 / max(se[j], 1e-12 * abs(mean[j]) + 1e-300) ** 2 for j in ok[:i]])
+        ref_step = float(np.sum(weights * step_sizes[ok[:i]]) / np.sum(weights))
+        bounds[g] = _bias(step_sizes[g], mean[g], se[g], ref_step, ref, ref_se, z)
+    low, up = ok[0], ok[1]
+    bounds[low] = _bias(step_sizes[low], mean[low], se[low], step_sizes[up], mean[up], se[up], z)
+    scale = rtol * abs(_pooled([(mean[j], se[j]) for j in ok])[0])
+    fitting = [g for g in ok[1:] if bounds[g]["bound"] <= scale]
+    best = fitting[-1] if fitting else low
+    pair_low = ok[ok.index(best) - 1] if best != low else low
+    pair = (float(step_sizes[pair_low]), float(step_sizes[best if best != low else up]))
+    if best == ok[-1]:
         why = f"the largest stable step size within {rtol:.0%} of the smaller ones"
-    if best + 1 < k:
+    else:
+        above = ok[ok.index(best) + 1]
+        why = (f"the largest step size whose bias, extrapolated linearly from the smaller ones, fits {rtol:.0%}: "
+               f"{step_sizes[above]:.3g} agrees but its bound is {bounds[above]['bound'] / abs(scale / rtol):.1%}")
+    if best + 1 < k and best == ok[-1]:
         why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
-    return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why)
+    return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why, verified=True, pair=pair,
+                      bias=bounds[best])
