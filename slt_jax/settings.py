@@ -135,11 +135,11 @@ class SweepSettings:
       min_window_draws: draws the largest step size gets in its window, at least.
       check_z: standard errors by which a trend or a negative λ̂ must be significant to count.
       min_mala_acceptance: acceptance below which a step size counts as unstable.
-      max_grid_extensions: how many times the grid may extend down, one step size (ε_min/f,
-        run for T/ε steps: f× the steps, at equal simulated time) per round, while no two
-        consecutive step sizes are stable and agree. Round k costs ``num_chains·num_steps·f^k``
-        chain-steps: with the defaults at most 2 + 4 + 8 = 14 × ``num_chains·num_steps`` on top
-        of the grid's 4 × (docs/calibration.md).
+      max_grid_extensions: how many more rounds the sweep may run while no two consecutive step
+        sizes are stable and agree (docs/calibration.md §3a): a round either runs the smallest
+        stable step and the next one up again with as many new chains as they have had (when
+        only their standard error keeps them apart), or extends the grid down by one step
+        (ε_min/f, run for T/ε steps: f× the steps, at equal simulated time).
       on_unverified: past that budget, ``"raise"`` (:class:`~slt_jax.CalibrationError`) or
         ``"warn"`` (use the smallest stable step, unverified, with a ``CalibrationWarning``).
     """
@@ -156,7 +156,7 @@ class SweepSettings:
     min_window_draws: int = 20
     check_z: float = 3.0
     min_mala_acceptance: float = 0.7
-    max_grid_extensions: int = 3
+    max_grid_extensions: int = 4
     on_unverified: str = "raise"
 
     def __post_init__(self):

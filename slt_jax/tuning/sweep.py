@@ -376,7 +376,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     # While a setting's pick is unverified, one more round of sweeps at the same simulated time T:
     # where its smallest stable step and the next one up differ by less than the tolerance and
     # only their standard error keeps them from agreeing, both are run again with as many new
-    # chains (their runs are pooled); otherwise — a real difference, or nothing stable above or
+    # chains as they have had (their runs are pooled); otherwise — a real difference, or nothing stable above or
     # at all — the grid extends down by one step, ε_min/f, run for T/ε_min·f steps.
     extensions = [0] * len(setting_pairs)
     for k in range(1, sweep.max_grid_extensions + 1):
@@ -390,7 +390,13 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             nxt = stable[0] + 1 if stable else None
             noisy = (nxt is not None and nxt < len(steps) and choice.status[nxt] == "biased"
                      and abs(pooled[nxt]["mean"] - pooled[stable[0]]["mean"]) <= sweep.rtol * abs(pooled[stable[0]]["mean"]))
-            added = [steps[stable[0]], steps[nxt]] if noisy else [steps[0] / sweep.grid_factor]
+            if noisy:
+                # As many new chains as the pair's smaller step has had so far (at most 4 groups'
+                # worth): the standard error of their difference shrinks by √2 per round or faster.
+                runs = sum(1 for g in groups if g[0] == s and g[1] == steps[stable[0]])
+                added = [steps[stable[0]], steps[nxt]] * min(runs, 4)
+            else:
+                added = [steps[0] / sweep.grid_factor]
             new += [(s, eps, *setting_pairs[s]) for eps in added]
         if not new:
             break
