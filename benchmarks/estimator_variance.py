@@ -178,37 +178,46 @@ def print_coverage(row):
           flush=True)
 
 
-def auto_coverage(params, data, reference, seeds, kernels):
-    """Part 4: whole calibrated estimates, one per seed and kernel."""
-    rows = []
+def auto_coverage(params, data, reference, seeds, kernels, offset=0):
+    """Part 4: whole calibrated estimates, one per seed and kernel (seeds outermost, so a run
+    stopped early has every kernel's first seeds)."""
     print(f"\n### 4. Coverage of the reported 95 % intervals at the auto settings ({seeds} seeds per kernel; "
           f"NUTS {reference:.4f})\n")
-    print("| sampler | seeds | covers NUTS (t, honest se; Wilson 95 %) | chain-spread se, 1.96 | mean error | spread "
-          "| mean se | wall |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in kernels:
-        start, results, failures = time.perf_counter(), [], []
-        for seed in range(seeds):
+    results = {name: [] for name in kernels}
+    failures = {name: [] for name in kernels}
+    seconds = {name: 0.0 for name in kernels}
+    for seed in range(offset, offset + seeds):
+        for name in kernels:
+            start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    results.append(slt_jax.estimate_llc(
-                        _LOSS, params, data, jax.random.key(10_000 + seed), step_size="auto", sampler=name,
-                        localization=LOCALIZATION, batch_size=BATCH_SIZE, progress=False))
+                    r = slt_jax.estimate_llc(_LOSS, params, data, jax.random.key(10_000 + seed), step_size="auto",
+                                             sampler=name, localization=LOCALIZATION, batch_size=BATCH_SIZE,
+                                             progress=False)
                 except CalibrationError as error:
-                    failures.append(str(error).splitlines()[0])
-                    print(f"  {name} seed {seed}: CalibrationError {failures[-1][:200]}", file=sys.stderr, flush=True)
+                    failures[name].append(str(error).splitlines()[0])
+                    print(f"  {name} seed {seed}: CalibrationError {failures[name][-1][:200]}", file=sys.stderr,
+                          flush=True)
                     continue
-            r = results[-1]
+            seconds[name] += time.perf_counter() - start
+            results[name].append(r)
             lo, hi = r.llc_interval(0.95)
             print(f"  {name} seed {seed}: {r.llc_mean:.4f} ± {r.llc_se:.4f} (chains {r.uncertainty['chains']:.4f}) "
                   f"[{lo:.4f}, {hi:.4f}] covers={lo <= reference <= hi} ε={r.settings['step_size']:.3g} "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        row = coverage_row(name, results, lambda r: reference)
-        row.update(seconds=time.perf_counter() - start, calibration_errors=failures,
-                   step_sizes=[r.settings["step_size"] for r in results],
-                   llc=[r.llc_mean for r in results], se=[r.llc_se for r in results],
-                   uncertainty=[r.uncertainty for r in results])
+    print("| sampler | seeds | covers NUTS (t, honest se; Wilson 95 %) | chain-spread se, 1.96 | mean error | spread "
+          "| mean se | wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in kernels:
+        if not results[name]:
+            continue
+        row = coverage_row(name, results[name], lambda r: reference)
+        row.update(seconds=seconds[name], calibration_errors=failures[name],
+                   step_sizes=[r.settings["step_size"] for r in results[name]],
+                   llc=[r.llc_mean for r in results[name]], se=[r.llc_se for r in results[name]],
+                   uncertainty=[r.uncertainty for r in results[name]])
         rows.append(row)
         print_coverage(row)
     return rows
@@ -270,6 +279,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--coverage-seeds", type=int, default=40)
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS))
+    parser.add_argument("--seed-offset", type=int, default=0, help="first coverage seed (to split a run)")
+    parser.add_argument("--reference", type=float, default=None,
+                        help="the NUTS value, if known (skips NUTS; its se is then reported as NaN)")
     parser.add_argument("--budget", type=int, default=16_000, help="minibatch gradients per seed")
     parser.add_argument("--nuts-draws", type=int, default=1000)
     parser.add_argument("--out", default="benchmarks/results/estimator_variance.json")
@@ -278,19 +290,26 @@ def main(argv=None):
     params, data = problem()
     key = jax.random.key(1)
 
-    nuts = slt_jax.estimate_llc(_LOSS, params, data, jax.random.fold_in(key, 0), sampler="nuts", step_size=1e-3,
-                                localization=LOCALIZATION, num_chains=8, num_draws=args.nuts_draws,
-                                num_burnin=300, progress=False)
+    if args.reference is None or {"splits", "samplers", "estimators"} & set(args.parts):
+        nuts = slt_jax.estimate_llc(_LOSS, params, data, jax.random.fold_in(key, 0), sampler="nuts",
+                                    step_size=1e-3, localization=LOCALIZATION, num_chains=8,
+                                    num_draws=args.nuts_draws, num_burnin=300, progress=False)
+    else:
+        from types import SimpleNamespace
+
+        nuts = SimpleNamespace(llc_mean=args.reference, llc_se=float("nan"), nbeta=N / math.log(N))
     reference = nuts.llc_mean
     print(f"reference (NUTS, 8 chains × {args.nuts_draws}): λ̂ = {reference:.4f} ± {nuts.llc_se:.4f}; "
-          f"Aoyagi's global λ for {WIDTHS}, r = {RANK}: {float(slt_jax.dln_learning_coefficient(WIDTHS, RANK).lam):g}")
+          f"Aoyagi's global λ for {WIDTHS}, r = {RANK}: {float(slt_jax.dln_learning_coefficient(WIDTHS, RANK).lam):g}",
+          flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"settings": {"widths": WIDTHS, "rank": RANK, "n": N, "noise": NOISE, "localization": LOCALIZATION,
                            "batch_size": BATCH_SIZE, "nbeta": nuts.nbeta, "device": str(jax.devices()[0])},
               "reference": {"sampler": "nuts", "llc_mean": reference, "llc_se": nuts.llc_se}}
     if "coverage" in args.parts:
-        record["coverage"] = auto_coverage(params, data, reference, args.coverage_seeds, args.kernels)
+        record["coverage"] = auto_coverage(params, data, reference, args.coverage_seeds, args.kernels,
+                                           args.seed_offset)
         out.write_text(json.dumps(record, indent=1, default=float))
     if "regression" in args.parts:
         record["regression"] = regression_coverage(args.coverage_seeds)

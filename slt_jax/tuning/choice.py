@@ -80,6 +80,15 @@ def _bias(step, mean, se, ref_step, ref_mean, ref_se, z) -> dict:
             "kappa": kappa}
 
 
+def _chord(step, mean, se, above_step, above_mean, above_se, z) -> dict:
+    """The step-size bias at ``step`` bounded by the chord to a larger step: b·ε with
+    b = (λ̂(ε_q) − λ̂(ε))/(ε_q − ε), i.e. κ·Δλ̂ with κ = ε/(ε_q − ε)."""
+    kappa = step / (above_step - step)
+    diff, diff_se = above_mean - mean, math.hypot(se, above_se)
+    return {"estimate": kappa * diff, "se": kappa * diff_se, "bound": kappa * (abs(diff) + z * diff_se),
+            "kappa": kappa}
+
+
 def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None, mala_acceptance=None,
                      diverged=None, unhealthy=None, rtol: float = 0.05, z: float = 1.0, check_z: float = 3.0,
                      min_mala_acceptance: float = 0.7) -> StepChoice:
@@ -173,39 +182,55 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
         return StepChoice(tuple(status), tuple(reason), None,
                           "every step size diverged or was unstable: lower step_sizes, or check that w* "
                           "is a minimum")
-    if len(ok) == 1:
-        best = ok[0]
-        why = "the only stable step size: nothing smaller to check it against — extend step_sizes down"
-        if best + 1 < k:
-            why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
-        return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why)
-    # Verified: the "ok" steps are consecutive grid points that agree. The largest of them may
-    # still carry a bias up to ~κ = ε/(ε − ε_ref) times its difference from the smaller ones
-    # (2× for a pair a factor 2 apart, if the bias is linear in ε): pick the largest whose
-    # extrapolated bias bound fits the tolerance. The smallest "ok" step always may be picked:
-    # its bias, extrapolated from the step above it, is that pair's difference times
-    # ε_ref/(ε_up − ε_ref) (1 for a factor 2), which the agreement test has bounded.
+    # The pick must come with a bound on its step-size bias that fits the tolerance, from a
+    # comparison with another stable step at equal simulated time (docs/calibration.md §3b):
+    # - from below, for a larger "ok" step: with λ̂(ε) = λ₀ + bε through the inverse-variance
+    #   mean of the "ok" steps below (at their weighted step ε_ref), its bias is κ·Δλ̂ with
+    #   κ = ε/(ε − ε_ref) ≥ 1 — 2× the difference for a pair a factor 2 apart;
+    # - from above, for the smallest stable step: the chord to any stable step ε_q above it gives
+    #   κ = ε/(ε_q − ε) ≤ 1 — ⅐ for a step 8× larger — and, the bias being convex in ε (SGLD's
+    #   variance inflation 1/(1 − εa/4) and its minibatch term both are), the chord's slope is
+    #   at least the slope near ε, so the bound is conservative.
+    # The bound is κ·(|Δλ̂| + z·se); the largest step whose bound fits rtol·|λ̂| is the pick.
+    stable = [g for g in range(k) if status[g] in ("ok", "biased", "skipped")]
+    scale = rtol * abs(_pooled([(mean[j], se[j]) for j in ok])[0])
     bounds = {}
     for i, g in enumerate(ok[1:], start=1):
         below = [(mean[j], se[j]) for j in ok[:i]]
         ref, ref_se = _pooled(below)
         weights = np.array([1.0 / max(se[j], 1e-12 * abs(mean[j]) + 1e-300) ** 2 for j in ok[:i]])
         ref_step = float(np.sum(weights * step_sizes[ok[:i]]) / np.sum(weights))
-        bounds[g] = _bias(step_sizes[g], mean[g], se[g], ref_step, ref, ref_se, z)
-    low, up = ok[0], ok[1]
-    bounds[low] = _bias(step_sizes[low], mean[low], se[low], step_sizes[up], mean[up], se[up], z)
-    scale = rtol * abs(_pooled([(mean[j], se[j]) for j in ok])[0])
+        bounds[g] = {**_bias(step_sizes[g], mean[g], se[g], ref_step, ref, ref_se, z), "against": ref_step}
+    low = ok[0]
+    chords = [{**_chord(step_sizes[low], mean[low], se[low], step_sizes[q], mean[q], se[q], z),
+               "against": float(step_sizes[q])} for q in stable if q > low]
+    if chords:
+        bounds[low] = min(chords, key=lambda b: b["bound"])
     fitting = [g for g in ok[1:] if bounds[g]["bound"] <= scale]
     best = fitting[-1] if fitting else low
-    pair_low = ok[ok.index(best) - 1] if best != low else low
-    pair = (float(step_sizes[pair_low]), float(step_sizes[best if best != low else up]))
-    if best == ok[-1]:
+    verified = best in bounds and bounds[best]["bound"] <= scale
+    if not verified:
+        why = "the only stable step size: nothing smaller to check it against — extend step_sizes down"
+        if low in bounds:
+            why = (f"the smallest stable step size, whose bias bound against the steps above "
+                   f"({bounds[low]['bound'] / abs(scale / rtol):.1%}, against {bounds[low]['against']:.3g}) exceeds "
+                   f"{rtol:.0%}: nothing smaller to check it against — extend step_sizes down")
+        if low + 1 < k:
+            why += f"; the next, {step_sizes[low + 1]:.3g}, is {status[low + 1]} ({reason[low + 1]})"
+        return StepChoice(tuple(status), tuple(reason), float(step_sizes[low]), why)
+    pair = (float(step_sizes[best]), bounds[best]["against"]) if best == low else (
+        bounds[best]["against"], float(step_sizes[best]))
+    pair = tuple(sorted(pair))
+    if best == low:
+        why = (f"the smallest stable step size, its bias bounded by {bounds[low]['bound'] / abs(scale / rtol):.1%} "
+               f"against {bounds[low]['against']:.3g} (within {rtol:.0%})")
+    elif best == ok[-1]:
         why = f"the largest stable step size within {rtol:.0%} of the smaller ones"
     else:
         above = ok[ok.index(best) + 1]
         why = (f"the largest step size whose bias, extrapolated linearly from the smaller ones, fits {rtol:.0%}: "
                f"{step_sizes[above]:.3g} agrees but its bound is {bounds[above]['bound'] / abs(scale / rtol):.1%}")
-    if best + 1 < k and best == ok[-1]:
+    if best + 1 < k and (best == ok[-1] or best == low):
         why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
     return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why, verified=True, pair=pair,
                       bias=bounds[best])

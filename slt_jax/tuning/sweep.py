@@ -54,6 +54,7 @@ highly singular points λ̂ can sit on a plateau for a while and then climb.
 import dataclasses
 import itertools
 import math
+import time
 import warnings
 
 import jax
@@ -94,7 +95,11 @@ class Calibration:
       choices: one dict per (nβ, γ) setting: ``nbeta``, ``localization``, ``step_size``
         (``None`` if nothing passed), ``reason``, ``total_time`` (T), ``window_start`` (T_b),
         ``equilibration_time`` (when λ̂ stopped trending at the chosen step size, ``None`` if
-        it did not), ``equilibrated`` and ``burnin_time`` (what an estimate should burn in).
+        it did not), ``equilibrated`` and ``burnin_time`` (what an estimate should burn in);
+        and the evidence: ``verified`` (two consecutive steps agreed), the agreeing ``pair``,
+        the pick's extrapolated ``bias`` (``estimate``, ``se``, ``bound``, ``kappa``),
+        ``extensions`` (rounds run after the grid for this setting), ``sweeps`` (each round's
+        step sizes, steps, chain-steps and seconds) and ``unverified_step_size``.
       settings: the sweep's settings (JSON-ready).
     """
 
@@ -332,6 +337,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     step), up to ``sweep.max_grid_extensions`` rounds."""
     n, num_chains, num_steps = problem.n, sweep.num_chains, sweep.num_steps
     key_grid, key_chains, key_mala = jax.random.split(key, 3)
+    started = time.perf_counter()
 
     # Groups: for each (nβ, γ) setting, its step sizes in increasing order.
     setting_pairs = list(itertools.product(nbetas, localizations))
@@ -342,6 +348,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor,
             stability=kernel.stability)
         groups += [(s, float(eps), nb, gamma) for eps in grid]
+    grid_seconds = time.perf_counter() - started
     total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(setting_pairs))]
     window_start = [sweep.burnin_fraction * t for t in total_time]
     shortest = min((total_time[s] - window_start[s]) / eps for s, eps, _, _ in groups)
@@ -357,9 +364,10 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
         mala = n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
     mala = bool(mala) and kernel.name == "sgld"
     groups_run = _GroupRunner(problem, kernel, run, sweep, window_start, total_time, mala, progress)
+    round_start = time.perf_counter()
     rows = groups_run(groups, num_steps, steps_per_draw, key_chains, key_mala)
     sweeps = [{"round": 0, "step_sizes": [g[1] for g in groups], "num_steps": num_steps,
-               "chain_steps": len(groups) * num_chains * num_steps}]
+               "chain_steps": len(groups) * num_chains * num_steps, "seconds": time.perf_counter() - round_start}]
 
     def verdict(s):
         """The rule on setting ``s``, every step size's runs (a grid point and its replicates)
@@ -388,7 +396,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             extensions[s] += 1
             stable = [i for i, st in enumerate(choice.status) if st == "ok"]
             nxt = stable[0] + 1 if stable else None
-            noisy = (nxt is not None and nxt < len(steps) and choice.status[nxt] == "biased"
+            noisy = (nxt is not None and nxt < len(steps) and choice.status[nxt] in ("ok", "biased")
                      and abs(pooled[nxt]["mean"] - pooled[stable[0]]["mean"]) <= sweep.rtol * abs(pooled[stable[0]]["mean"]))
             if noisy:
                 # As many new chains as the pair's smaller step has had so far (at most 4 groups'
@@ -404,11 +412,13 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
         # recording at the thinning that gives that step the grid's draw count.
         longest = max(total_time[g[0]] / g[1] for g in new)
         spd = max(1, round(steps_per_draw * longest / num_steps))
+        round_start = time.perf_counter()
         rows += groups_run(new, math.ceil(longest), spd, jax.random.fold_in(key_chains, k),
                            jax.random.fold_in(key_mala, k))
         groups += new
         sweeps.append({"round": k, "step_sizes": [g[1] for g in new], "num_steps": math.ceil(longest),
-                       "chain_steps": len(new) * num_chains * math.ceil(longest)})
+                       "chain_steps": len(new) * num_chains * math.ceil(longest),
+                       "seconds": time.perf_counter() - round_start})
 
     num_groups = len(groups)
     status, reason = [None] * num_groups, [None] * num_groups
@@ -464,7 +474,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
                   "batch_size": problem.batch_size, "sampler": kernel.name, "n": n,
                   "num_sampled": problem.num_sampled, "default_grid": step_sizes is None,
                   "divergence_threshold": run.divergence_threshold, "dtype": str(problem.precision.dtype),
-                  "sweeps": sweeps},
+                  "sweeps": sweeps, "grid_seconds": grid_seconds, "seconds": time.perf_counter() - started},
     )
 
 
