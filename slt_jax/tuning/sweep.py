@@ -396,8 +396,14 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             extensions[s] += 1
             stable = [i for i, st in enumerate(choice.status) if st == "ok"]
             nxt = stable[0] + 1 if stable else None
+            # Replicate only where noise is plausibly all that stands in the way — the pair's
+            # difference within half the tolerance — and at most twice per pair; a larger
+            # difference is bias, which more chains would only confirm: go down instead.
+            replicated = sum(1 for w in sweeps[1:] if nxt is not None and nxt < len(steps)
+                             and steps[stable[0]] in w["step_sizes"] and steps[nxt] in w["step_sizes"])
             noisy = (nxt is not None and nxt < len(steps) and choice.status[nxt] in ("ok", "biased")
-                     and abs(pooled[nxt]["mean"] - pooled[stable[0]]["mean"]) <= sweep.rtol * abs(pooled[stable[0]]["mean"]))
+                     and replicated < 2 and abs(pooled[nxt]["mean"] - pooled[stable[0]]["mean"])
+                     <= 0.5 * sweep.rtol * abs(pooled[stable[0]]["mean"]))
             if noisy:
                 # As many new chains as the pair's smaller step has had so far (at most 4 groups'
                 # worth): the standard error of their difference shrinks by √2 per round or faster.
