@@ -16,11 +16,11 @@ import numpy as np
 from slt_jax import settings, validation
 from slt_jax.problem import make_problem
 from slt_jax.results import LLCResult, summarize
-from slt_jax.runner import chains
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.tuning import auto as auto_lib
+from slt_jax.tuning import checks
 from slt_jax.tuning.sweep import Calibration
 
 
@@ -99,7 +99,7 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
             calibration = auto_lib.calibration_for(problem, kernel, run, auto, key, step_size, progress=progress)
             sampled = auto_lib.sample_calibrated(problem, kernel, run, auto, key, calibration, progress=progress)
         else:
-            sampled = chains.sample(problem, kernel, run, key, step_size=step_size, progress=progress)
+            sampled = checks.sample_checked(problem, kernel, run, key, step_size=step_size, progress=progress)
         if mala:
             rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(), sampled.positions,
                                     jax.random.split(key)[1], step_size=sampled.step_size)

@@ -15,7 +15,7 @@ import numpy as np
 from slt_jax import settings as settings_lib
 from slt_jax import validation
 from slt_jax.estimators.diagnostics import DEFAULT_RHAT_THRESHOLD, chain_diagnostics
-from slt_jax.estimators.llc import escaped_chains, llc_draws, llc_statistics
+from slt_jax.estimators.llc import escaped_chains, llc_draws, llc_interval, llc_statistics, llc_uncertainty
 from slt_jax.runner import divergence
 from slt_jax.serialization import dump_json, json_safe
 
@@ -27,8 +27,10 @@ class LLCResult:
     Attributes:
       llc_mean: λ̂, the mean of the per-chain estimates over chains that did not diverge.
       llc_std: spread (std, ddof=1) of the per-chain λ̂.
-      llc_se: standard error of ``llc_mean`` (chain spread / √chains; with one chain, the
-        Monte Carlo standard error from the effective sample size).
+      llc_se: standard error of ``llc_mean``, honest: the chain spread / √chains (with one
+        chain, the Monte Carlo standard error from the effective sample size), with the biases
+        the spread cannot see — unfinished burn-in, the calibrated step's bias — added in
+        quadrature (``uncertainty`` has the parts; never below the chain spread's value).
       llc_per_chain: λ̂ of each chain, ``(chains,)``, diverged chains included (NaN or huge).
       loss_trace: per-draw estimates of L_n(w_t), ``(chains, draws)``.
       llc_trace: per-draw λ̂ values ``nβ·(…)``, ``(chains, draws)``.
@@ -46,6 +48,9 @@ class LLCResult:
         kernel's per-step info over the draws of healthy chains (e.g. SGNHT's kinetic
         temperature), the MALA acceptance rate (``mala=True``), or NUTS's adapted step size,
         acceptance, divergent transitions and leapfrog steps.
+      uncertainty: the parts of ``llc_se`` (:func:`slt_jax.estimators.llc.llc_uncertainty`):
+        ``chains`` (the spread's), ``burnin_bias`` (from the draws' ``trend`` ± ``trend_se``),
+        ``step_bias``, ``total`` and ``dof`` (healthy chains − 1, for :meth:`llc_interval`).
     """
 
     llc_mean: float
@@ -64,6 +69,7 @@ class LLCResult:
     diagnostics: Any
     settings: dict
     sampler_stats: dict | None = None
+    uncertainty: dict | None = None
 
     def to_dict(self, traces: bool = False) -> dict:
         """A JSON-serialisable dict; traces (chains × draws arrays) only if ``traces``."""
@@ -87,6 +93,11 @@ class LLCResult:
                                   num_sampled=self.settings["num_sampled"],
                                   localization=self.settings["localization"])
         return slid & ~diverged
+
+    def llc_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """``λ̂ ± t·llc_se``, t Student's quantile with healthy chains − 1 degrees of freedom."""
+        dof = None if self.uncertainty is None else self.uncertainty.get("dof")
+        return llc_interval(self.llc_mean, self.llc_se, dof, level)
 
     def __str__(self) -> str:
         """A short health summary: λ̂ ± se, the chains, R-hat and ESS with their verdicts, the
@@ -289,6 +300,9 @@ def summarize(problem, sampled: Sampled, *, sampler: str, key) -> LLCResult:
     llc_se = stats.llc_se
     if not np.isfinite(llc_se) and diagnostics is not None:
         llc_se = float(diagnostics.mcse)
+    calibration = (sampled.record or {}).get("calibration") or {}
+    uncertainty = llc_uncertainty(per_draw[healthy], llc_se, step_bias=calibration.get("bias"),
+                                  step_ratio=sampled.step_size / calibration["step_size"] if calibration else 1.0)
     plain = None
     if center_loss is not None:
         plain_stats = llc_statistics(llc_draws(batch_loss, problem.init_loss, problem.nbeta), healthy)
@@ -304,11 +318,12 @@ def summarize(problem, sampled: Sampled, *, sampler: str, key) -> LLCResult:
     recorded = {**problem.record(), **settings_lib.to_dict(run), "batch_size": problem.batch_size,
                 "divergence_threshold": problem.divergence_threshold(run), "step_size": sampled.step_size,
                 "sampler": sampler, "key": validation.key_data(key), "calibration": None, "equilibration": None,
+                "step_check": None,
                 **(sampled.record or {})}
     return LLCResult(
-        llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=llc_se, llc_per_chain=stats.llc_per_chain,
+        llc_mean=stats.llc_mean, llc_std=stats.llc_std, llc_se=uncertainty["total"], llc_per_chain=stats.llc_per_chain,
         loss_trace=loss_trace, llc_trace=per_draw, distance_trace=np.asarray(draws.distance, np.float64),
         init_loss=problem.init_loss, nbeta=problem.nbeta, n=problem.n, diverged_chains=diverged_chains,
         diverged_at=diverged_steps, plain=plain, diagnostics=diagnostics, settings=json_safe(recorded),
-        sampler_stats=sampler_stats or None,
+        sampler_stats=sampler_stats or None, uncertainty=json_safe(uncertainty),
     )

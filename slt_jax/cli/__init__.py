@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "learns in stages, saves it with Orbax, and draws its LLC curve with stage boundaries.",
     )
     demo.add_argument(
-        "--example", choices=["trajectory", "llc", "grokking"], default="trajectory",
+        "--example", choices=["trajectory", "llc", "grokking", "induction"], default="trajectory",
         help="trajectory (default): LLC curve and stages of a deep linear network's training; "
         "llc: λ̂ of one deep linear network next to Aoyagi's exact λ; grokking: LLC curve of "
-        "modular addition learned with weight decay",
+        "modular addition learned with weight decay; induction: a 2-layer attention-only "
+        "transformer's induction-head transition, its LLC stages and every head's refined LLC",
     )
     demo.add_argument("--seed", type=int, default=0, help="root PRNG seed (default 0)")
     demo.add_argument("--out", default=_DEMO_OUT, metavar="DIR", help=f"output directory (default ./{_DEMO_OUT})")

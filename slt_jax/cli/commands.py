@@ -376,6 +376,10 @@ def demo(args) -> int:
         from slt_jax.demos import grokking
 
         _say(grokking.report(grokking.run(out, seed=args.seed, progress=not args.quiet)))
+    elif args.example == "induction":
+        from slt_jax.demos import induction
+
+        _say(induction.report(induction.run(out, seed=args.seed, progress=not args.quiet)))
     else:
         from slt_jax.demos import dln_trajectory
 
