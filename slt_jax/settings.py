@@ -187,6 +187,11 @@ class AutoSettings:
       max_plateau_extension: the longest run while λ̂ reads the Laplace value of a degenerate
         w* (≥ ``max_extension``); ``None`` skips the Laplace value.
       max_step_reductions: how often the stiffness check at the chains may halve the step.
+      plateau_settle_efolds: a run still on the Laplace plateau, its doublings agreeing, has
+        settled there after this many e-folds of ``2/(εγ)`` steps — the relaxation time of a
+        direction that only the localizer confines, the slowest there is — so the flat directions
+        add nothing within the localizer's reach (at smooth points of a fibre with symmetries the
+        Laplace value is λ); ``None`` waits up to ``max_plateau_extension``.
       plateau_rtol: λ̂ within this fraction of the Laplace value (plus 2 se) reads as the plateau.
       regular_fraction: points whose Laplace value is at least this fraction of d/2 have no
         plateau to leave.
@@ -199,6 +204,7 @@ class AutoSettings:
     max_extension: float = 8.0
     max_plateau_extension: float | None = 64.0
     max_step_reductions: int = 4
+    plateau_settle_efolds: float | None = 3.0
     plateau_rtol: float = 0.03
     regular_fraction: float = 0.9
     laplace_rows: int = 8192
@@ -213,6 +219,7 @@ class AutoSettings:
             raise ValueError(f"max_plateau_extension must be ≥ max_extension ({self.max_extension!r}) or None, "
                              f"got {self.max_plateau_extension!r}")
         _positive_int("max_step_reductions", self.max_step_reductions, allow_zero=True)
+        _positive("plateau_settle_efolds", self.plateau_settle_efolds, allow_none=True)
         _positive_int("laplace_rows", self.laplace_rows)
         _positive_int("laplace_dense_params", self.laplace_dense_params)
         _positive("plateau_rtol", self.plateau_rtol)

@@ -203,12 +203,17 @@ FLAGS: tuple[Flag, ...] = (
     _run("divergence_threshold", FLOAT, "a chain diverges when nβ·(L_B − L_n(w*)) exceeds this (default "
          "10·d + 100 + 20·nβ·std(L_B(w*)))", ALL, metavar="X"),
     _run("on_divergence", str, "diverged chains: warn (exclude them and warn) or raise", choices=("warn", "raise")),
+    _run("check_step", bool, "after a fixed-step run, check the step's stability at the chains, the kernel's health "
+         "and the trend of λ̂ (warns; its cost is recorded)", switch=True),
     # AutoSettings: what --step-size auto may do after the sweep.
     _auto("max_extension", FLOAT, "the longest run while λ̂ still trends, in calibrated schedules", metavar="X"),
     _auto("max_plateau_extension", _or(FLOAT, "none", "none"), "the longest run while λ̂ reads the Laplace value "
           "of a degenerate w*; none skips that check", metavar="X|none", none_word="none"),
     _auto("max_step_reductions", INT, "how often the stiffness check at the chains may halve the step",
           metavar="N"),
+    _auto("plateau_settle_efolds", _or(FLOAT, "none", "none"), "a run on the Laplace plateau has settled there after "
+          "this many e-folds of 2/(εγ) steps; none waits up to max_plateau_extension", metavar="X|none",
+          none_word="none"),
     _auto("plateau_rtol", FLOAT, "λ̂ within this fraction of the Laplace value (+2 se) reads as the plateau",
           metavar="X"),
     _auto("regular_fraction", FLOAT, "points whose Laplace value is at least this fraction of d/2 have no "
@@ -232,6 +237,10 @@ FLAGS: tuple[Flag, ...] = (
     _sweep("check_z", FLOAT, "standard errors by which a trend or a negative λ̂ must be significant",
            metavar="X"),
     _sweep("min_mala_acceptance", FLOAT, "acceptance below which a step size counts as unstable", metavar="X"),
+    _sweep("max_grid_extensions", INT, "rounds the sweep may add (replicates, or a step further down) until its "
+           "pick is verified", metavar="N"),
+    _sweep("on_unverified", str, "past that budget: raise (CalibrationError) or warn and use the best unverified "
+           "step", choices=("raise", "warn")),
     # Precision.
     Flag("dtype", str, "positions, gradients and losses (float64 turns on jax_enable_x64)", ALL, "precision",
          choices=("float32", "float64")),

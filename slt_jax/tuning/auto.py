@@ -11,6 +11,7 @@ were taken at, and the record of every decision (docs/calibration.md).
 """
 
 import dataclasses
+import math
 import time
 import warnings
 
@@ -36,6 +37,15 @@ def calibration_for(problem, kernel, run: RunSettings, auto: AutoSettings, key, 
         return step_size
     return run_sweep(problem, kernel, run, auto.sweep, keys.stream(key, keys.CALIBRATION),
                      nbetas=[problem.nbeta], localizations=[problem.localization], progress=progress)
+
+
+def _plateau_settles(localization: float, auto: AutoSettings):
+    """``step_size ↦ steps`` after which a run still on the Laplace plateau has settled there:
+    ``auto.plateau_settle_efolds`` e-folds of ``2/(εγ)``, the relaxation of a direction only the
+    localizer confines (None without localization: no such scale)."""
+    if not localization > 0 or auto.plateau_settle_efolds is None:
+        return None
+    return lambda step_size: math.ceil(auto.plateau_settle_efolds * 2.0 / (step_size * localization))
 
 
 def sample_calibrated(problem, kernel, run: RunSettings, auto: AutoSettings, key, calibration: Calibration, *,
@@ -83,12 +93,13 @@ def sample_calibrated(problem, kernel, run: RunSettings, auto: AutoSettings, key
         max_step_reductions=auto.max_step_reductions, num_chains=run.num_chains, num_burnin=num_burnin,
         num_draws=num_draws, max_extension=auto.max_extension, rtol=calibration.settings["rtol"],
         z=calibration.settings["z"], plateau=plateau, max_plateau_extension=auto.max_plateau_extension or 1.0,
-        chunk_size=run.chunk_size, progress=progress)
+        plateau_settles=_plateau_settles(problem.localization, auto), chunk_size=run.chunk_size, progress=progress)
     last = checked.run
     equilibration = {"equilibrated": last.equilibrated, "num_steps": checked.num_steps, "final_steps": last.num_steps,
                      "planned_steps": checked.planned_steps, "extensions": checked.extensions,
                      "max_extension": auto.max_extension, "max_plateau_extension": auto.max_plateau_extension,
                      "laplace": laplace, "plateau": checked.plateau, "still_at_plateau": last.still_at_plateau,
+                     "plateau_settled": last.plateau_settled,
                      "stiffness": checked.checks, "laplace_seconds": laplace_seconds,
                      "seconds": time.perf_counter() - started}
     message = equilibration_warning(last, laplace=laplace, planned=checked.planned_steps,

@@ -78,6 +78,9 @@ class Equilibrated(NamedTuple):
       plateau: whether the ``plateau`` test held at some round (the run was then allowed up to
         ``max_plateau_extension``).
       still_at_plateau: whether it still held when the run stopped.
+      plateau_settled: whether the run stopped on the plateau because it had lasted long enough
+        for the chains to reach the localizer's scale along every direction (the Laplace value is
+        then the estimate, not a transient).
       trending: whether λ̂ still trended when the run stopped (the draws are then its last
         quarter).
       chunk_size: the steps per compiled chunk every round ran in (a continuation passing it
@@ -94,6 +97,7 @@ class Equilibrated(NamedTuple):
     still_at_plateau: bool = False
     trending: bool = False
     chunk_size: int | None = None
+    plateau_settled: bool = False
 
 
 def level(llc):
@@ -123,7 +127,8 @@ def _concat(records):
 def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, num_chains: int,
                            num_burnin: int, num_draws: int, max_extension: float, rtol: float = 0.05,
                            z: float = 1.0, plateau: Callable | None = None, max_plateau_extension: float = 1.0,
-                           chunk_size=None, progress=True, state=None, start: int = 0) -> Equilibrated:
+                           plateau_settles_after: int | None = None, chunk_size=None, progress=True, state=None,
+                           start: int = 0) -> Equilibrated:
     """Run the planned ``num_burnin + num_draws·steps_per_draw`` steps, recording from step 0,
     and double the run while λ̂ still trends, up to ``max_extension`` times the plan — or
     while it sits on a ``plateau``, up to ``max_plateau_extension`` times.
@@ -150,6 +155,12 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         burn-in, ``(chains, draws)``: True while they may sit on a metastable plateau. Once it
         has held, the run's cap is ``max_plateau_extension`` times the plan.
       max_plateau_extension: that cap (≥ 1).
+      plateau_settles_after: steps after which a run still on the plateau, with its last two
+        doublings agreeing, has settled there: by then the chains have relaxed along every
+        direction to at least the localizer's scale (a few e-folds of ``2/(εγ)`` steps, the
+        slowest relaxation of a direction only γ confines), so directions the Hessian leaves
+        unconfined contribute nothing within it — at smooth points of a fibre with symmetries the
+        Laplace value is λ. ``None``: wait up to the cap.
       chunk_size, progress: as for :func:`slt_jax.chains.run_chains`.
       state, start: continue chains from ``state`` after the ``start`` steps they have run
         (:func:`slt_jax.chains.run_chains`) instead of starting them at w*; the burn-in, the
@@ -179,6 +190,7 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         burn = None if settle is None else max(num_burnin, settle)
         tail = None if burn is None else llc[healthy][:, steps > burn]
         stuck = tail is not None and plateau is not None and bool(plateau(tail))
+        settled_there = stuck and plateau_settles_after is not None and done * spd >= plateau_settles_after
         # A slow climb can pass the trend test where it stalls: once a run has had to be extended
         # (it trended at its plan, or sat on a plateau), it is over only when the newest
         # doubling's draws agree with the previous round's (disjoint windows).
@@ -186,19 +198,20 @@ def run_until_equilibrated(key, config: RunConfig, inputs: ChainInputs, llc_of: 
         steady = extensions == 0 or _agree(newest, previous, rtol, z)
         seen_plateau |= stuck
         limit = plateau_cap if seen_plateau else cap
-        if (settle is not None and not stuck and steady) or done >= limit or not healthy.any():  # all diverged
+        waiting = stuck and not settled_there
+        if (settle is not None and not waiting and steady) or done >= limit or not healthy.any():  # all diverged
             break
         # Still trending: the round's last quarter is its latest level.
         previous = level(tail if tail is not None else llc[healthy][:, steps > FRACTIONS[-1] * steps[-1]])
         target = min(2 * done, limit)
         extensions += 1
-    equilibrated = settle is not None and not stuck and steady
+    equilibrated = settle is not None and not waiting and steady
     if settle is None:  # still trending at the cap: the last quarter is the latest estimate
         settle = FRACTIONS[-1] * steps[-1]
     burnin = min(max(num_burnin, int(settle)), int(steps[-4] - spd))
     kept = jax.tree.map(lambda x: x[:, steps > burnin], draws)
     return Equilibrated(state, kept, burnin, done * spd, equilibrated, extensions, seen_plateau, stuck,
-                        trending=burn is None, chunk_size=chunk_size)
+                        trending=burn is None, chunk_size=chunk_size, plateau_settled=settled_there and equilibrated)
 
 
 def equilibration_warning(run: Equilibrated, *, laplace, planned: int, step_size: float, max_extension: float,

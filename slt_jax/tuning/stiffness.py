@@ -102,7 +102,7 @@ class StepChecked(NamedTuple):
 
 def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, step_size: float,
                          schedule: Callable, problem, max_step_reductions: int, num_chains: int, num_burnin: int,
-                         num_draws: int, **equilibrate) -> StepChecked:
+                         num_draws: int, plateau_settles: Callable | None = None, **equilibrate) -> StepChecked:
     """:func:`~slt_jax.equilibration.run_until_equilibrated`, then, while ε exceeds the kernel's
     rule at the chains' positions (:func:`stable_step_at_chains`: ``1/(nβh + γ)`` for SGLD, h the
     largest Hessian eigenvalue of the healthy chains; preconditioned for RMSProp-SGLD, with the
@@ -121,6 +121,8 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
         Hessian at the chains and the rule).
       max_step_reductions: how often the step may be halved.
       num_chains, num_burnin, num_draws: as for ``run_until_equilibrated`` (the first segment).
+      plateau_settles: ``plateau_settles(step_size) -> steps`` for ``run_until_equilibrated``'s
+        ``plateau_settles_after`` at each segment's step size (or ``None``).
       **equilibrate: the rest of ``run_until_equilibrated``'s settings.
 
     Returns:
@@ -128,8 +130,10 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
     """
     state, start, checks, segments = None, 0, [], []
     while True:
+        settles = None if plateau_settles is None else plateau_settles(step_size)
         run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
-                                     num_draws=num_draws, state=state, start=start, **equilibrate)
+                                     num_draws=num_draws, state=state, start=start, plateau_settles_after=settles,
+                                     **equilibrate)
         planned = num_burnin + num_draws * config.steps_per_draw
         state, start = run.state, start + run.num_steps
         equilibrate["chunk_size"] = run.chunk_size  # continuations reuse the compiled chunk

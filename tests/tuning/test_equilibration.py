@@ -240,3 +240,47 @@ def test_the_warning_names_what_did_not_settle_and_the_option_to_raise():
     assert "left the Laplace value 12" in left and "did not agree" in left and "raise max_plateau_extension" in left
     unsteady = say(run())
     assert "stopped trending" in unsteady and "did not agree" in unsteady and "raise max_extension" in unsteady
+
+
+def _localized_plateau_run(seed, settles_after):
+    config = RunConfig(_plateau_loss, SGLD, 4, 1, "control_variate", 4, None)
+    inputs = ChainInputs(step_size=jnp.float32(PLATEAU_STEP),
+                         posterior=LocalPosterior(jnp.zeros(STIFF + FLAT), jnp.float32(NBETA),
+                                                  jnp.float32(LOCALIZED)),
+                         divergence=Divergence(jnp.float32(0.0), jnp.float32(1e6)), data=jnp.zeros((8, 1)),
+                         eval_data=None)
+    a = NBETA * H_STIFF + LOCALIZED
+    laplace = STIFF * 0.5 * NBETA * H_STIFF / a
+    return run_until_equilibrated(jax.random.key(seed), config, inputs, _llc_of, num_chains=16, num_burnin=0,
+                                  num_draws=1000, max_extension=8, plateau=laplace_plateau(laplace, 0.0, STIFF + FLAT),
+                                  max_plateau_extension=64, plateau_settles_after=settles_after, progress=False)
+
+
+# With γ = 1000 the localizer confines the quartic coordinates at u² ~ 1/γ, where they add only
+# E[nβu⁴] ≈ 3·10⁻⁴ each: the Laplace value is the estimand, and a run that has relaxed for three
+# e-folds of 2/(εγ) = 500 steps has nothing left to find.
+LOCALIZED = 1000.0
+
+
+def _localized_exact():
+    a = NBETA * H_STIFF + LOCALIZED
+    stiff = STIFF * 0.5 * NBETA * H_STIFF / (a * (1.0 - PLATEAU_STEP * a / 4.0))
+    u = np.linspace(-1.0, 1.0, 200_001)
+    density = np.exp(-NBETA * u**4 - 0.5 * LOCALIZED * u**2)
+    return stiff + FLAT * np.sum(NBETA * u**4 * density) / np.sum(density)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_run_that_has_relaxed_to_the_localizers_scale_on_the_plateau_stops_there(seed):
+    settles = math.ceil(3 * 2.0 / (PLATEAU_STEP * LOCALIZED))
+    waiting = _localized_plateau_run(seed, None)
+    run = _localized_plateau_run(seed, settles)
+    assert waiting.still_at_plateau and not waiting.plateau_settled and waiting.num_steps == 64 * 1000
+    assert run.plateau and run.still_at_plateau and run.plateau_settled and run.equilibrated
+    assert settles <= run.num_steps <= 4 * settles
+    llc, _ = _llc_of(run.draws, run.state)
+    means = llc.mean(axis=1)
+    se = means.std(ddof=1) / math.sqrt(means.size)
+    exact = _localized_exact()
+    # The trend test's 5 % plus 3 standard errors of the chain means, as above.
+    assert abs(llc.mean() - exact) < 0.05 * exact + 3 * se, (llc.mean(), exact, se)
