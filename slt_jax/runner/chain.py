@@ -174,7 +174,7 @@ class Chain(NamedTuple):
                                                        self.eval_data)
                     observed = None
                     if observe is not None:
-                        observed = values_at(observe, position, self.observed)
+                        observed = values_at(observe, position, self.observed, key)
                         moments = accumulate(moments, observe, observed)
                     record = Draws(batch_loss, center_loss, posterior.sq_distance(position), info,
                                    observed if observe is not None and observe.record else None)

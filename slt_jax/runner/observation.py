@@ -11,10 +11,12 @@ them against a large mean; covariances do not depend on that shift.
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,15 +28,30 @@ class Observation:
         is the run's ``ChainInputs.observed.inputs`` (e.g. the probe rows).
       pairs: ``(a, b)`` name pairs whose cross-products ``Σ v_a v_bᵀ`` are accumulated.
       record: also return every draw's values (thinned traces), not only the moments.
+      keyed: ``fn`` takes a third argument, a PRNG key of its own per chain and draw (for
+        observables measured on random rows, e.g. a minibatch estimate of L_n); its draws are
+        independent of the sampler's minibatch at that step.
     """
 
     fn: Callable
     pairs: tuple = ()
     record: bool = False
+    keyed: bool = False
+
+    def __call__(self, params, inputs, key) -> dict:
+        """The observables at ``params`` (``key`` is ignored unless ``keyed``)."""
+        return self.fn(params, inputs, key) if self.keyed else self.fn(params, inputs)
+
+    def shapes(self, params, inputs) -> dict:
+        """``{name: ShapeDtypeStruct}`` of the observables, without evaluating them."""
+        return jax.eval_shape(self.__call__, params, inputs, jax.random.key(0))
 
     def names(self, inputs, center) -> tuple:
         """The observables' names, sorted."""
-        return tuple(sorted(jax.eval_shape(self.fn, center, inputs)))
+        return tuple(sorted(self.shapes(center, inputs)))
+
+
+OBSERVATION_STREAM = 2  # fold_in(measurement key, 2): apart from the evaluation minibatch's key
 
 
 class Observed(NamedTuple):
@@ -65,9 +82,14 @@ def pair_key(a: str, b: str) -> str:
     return f"{a}|{b}"
 
 
-def values_at(observation: Observation, position, observed: Observed) -> dict:
-    """The observables at ``position`` relative to their values at w*."""
-    values = observation.fn(position, observed.inputs)
+def values_at(observation: Observation, position, observed: Observed, key=None) -> dict:
+    """The observables at ``position`` relative to their values at w*.
+
+    ``key`` is the draw's measurement key; a keyed observation draws from its own stream of it.
+    """
+    if observation.keyed:
+        key = jax.random.fold_in(key, OBSERVATION_STREAM)
+    values = observation(position, observed.inputs, key)
     return {name: jnp.ravel(values[name]) - observed.center[name] for name in values}
 
 
@@ -92,3 +114,39 @@ def accumulate(moments: Moments, observation: Observation, values: dict) -> Mome
         cross={pair_key(a, b): moments.cross[pair_key(a, b)] + jnp.outer(cast[a], cast[b])
                for a, b in observation.pairs},
     )
+
+
+class TraceWriter:
+    """A :func:`~slt_jax.runner.chains.run_chains` sink: per-draw observables go to disk, chunk by chunk.
+
+    Each observable becomes one ``.npy`` file of shape ``(chains, draws, k)`` opened with
+    ``np.lib.format.open_memmap`` and filled as chunks arrive, so thinned traces of many rows
+    never sit in memory (values relative to w*, as the moments hold them). A run that stops
+    early leaves the draws written so far and zeros after them; :attr:`written` counts them.
+    """
+
+    def __init__(self, directory, shapes: dict, num_chains: int, num_draws: int, dtype):
+        """
+        Args:
+          directory: where the files go (created if missing).
+          shapes: ``{name: ShapeDtypeStruct}`` of the observables (:meth:`Observation.shapes`).
+          num_chains, num_draws: the run's chains and recorded draws.
+          dtype: the dtype of the stored values.
+        """
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.paths = {name: self.directory / f"{name.replace('/', '__')}.npy" for name in shapes}
+        self.arrays = {
+            name: np.lib.format.open_memmap(self.paths[name], mode="w+", dtype=np.dtype(dtype),
+                                            shape=(num_chains, num_draws, int(np.prod(shapes[name].shape))))
+            for name in shapes}
+        self.written = 0
+
+    def __call__(self, draws):
+        observed = draws.observed
+        count = next(iter(observed.values())).shape[1] if observed else 0
+        for name, values in observed.items():
+            self.arrays[name][:, self.written:self.written + count] = values
+            self.arrays[name].flush()
+        self.written += count
+        return draws._replace(observed=None)
