@@ -72,7 +72,9 @@ class RowLosses:
 
     def __call__(self, params, rows):
         n = jax.tree.leaves(rows)[0].shape[0]
-        return jax.lax.map(lambda row: self.one(params, row), rows, batch_size=min(self.rows_per_call, n))
+        if n <= self.rows_per_call:  # one vmapped call: the smallest program
+            return jax.vmap(self.one, in_axes=(None, 0))(params, rows)
+        return jax.lax.map(lambda row: self.one(params, row), rows, batch_size=self.rows_per_call)
 
 
 def row_losses(problem, per_sample_loss=None) -> RowLosses:
@@ -166,7 +168,7 @@ def resolve_components(components, params) -> tuple[tuple, list, list]:
         except ValueError as error:
             raise ValueError(f"components[{name!r}]: {error}") from error
         # On the host: a mask per component is a handful of small arrays, not device work.
-        mask = jax.tree.map(lambda x: np.ones(np.shape(x), np.result_type(x)) if mask is None else np.asarray(x),
+        mask = jax.tree.map(lambda x: np.ones(np.shape(x), jnp.result_type(x)) if mask is None else np.asarray(x),
                             params if mask is None else mask)
         count = sum(int(np.count_nonzero(m)) for m in jax.tree.leaves(mask))
         if count == 0:
@@ -217,13 +219,11 @@ class ObservedRun:
     Attributes:
       sampled: the :class:`~slt_jax.results.Sampled` record (``moments`` on the host).
       center: ``{name: flat value at w*}``.
-      shapes: ``{name: shape of the observable}``.
       traces: ``{name: .npy path}`` of the per-draw traces, or ``None``.
     """
 
     sampled: Sampled
     center: dict
-    shapes: dict
     traces: dict | None = None
 
 
@@ -246,16 +246,14 @@ def run_observed(problem, kernel, run: RunSettings, key, *, step_size, observati
         observation = dataclasses.replace(observation, record=True)
     config, chain_inputs = setup(problem, kernel, run, step_size, threshold=threshold, masks=masks,
                                  mask_index=mask_index, observation=observation, observed_inputs=inputs)
-    shapes = observation.shapes(problem.params, inputs)
     sink = None
     if trace_dir is not None:
+        shapes = observation.shapes(problem.params, inputs)
         sink = TraceWriter(trace_dir, shapes, num_chains, run.num_draws, problem.precision.dtype)
     state, draws = run_chains(key, config, chain_inputs, num_chains=num_chains, num_burnin=run.num_burnin,
                               num_draws=run.num_draws, chunk_size=run.chunk_size, progress=progress, sink=sink)
     center = {name: np.asarray(v, np.float64) for name, v in chain_inputs.observed.center.items()}
-    return ObservedRun(sampled_of(state, draws, step_size, run), center,
-                       {name: tuple(s.shape) for name, s in shapes.items()},
-                       None if sink is None else dict(sink.paths))
+    return ObservedRun(sampled_of(state, draws, step_size, run), center, None if sink is None else dict(sink.paths))
 
 
 def group_of(sampled: Sampled, chains) -> Sampled:
@@ -338,7 +336,8 @@ class ObservedResult:
 
 
 def observe(loss_fn, params, data, key, *, observables: dict, step_size, localization, pairs=(), nbeta=None,
-            sampler="sgld", param_mask=None, trace_dir=None, mesh=None, devices=None, run: RunSettings | None = None,
+            sampler="sgld", param_mask=None, trace_dir=None, observe_every: int = 1, mesh=None, devices=None,
+            run: RunSettings | None = None,
             auto: AutoSettings | None = None, precision: Precision | None = None, progress: bool = True,
             **options) -> ObservedResult:
     """Posterior means, variances and covariances of observables under the localized posterior.
@@ -356,6 +355,8 @@ def observe(loss_fn, params, data, key, *, observables: dict, step_size, localiz
         loss, per token with a per-token ``per_sample_loss``).
       pairs: ``(a, b)`` name pairs whose covariance is wanted (kept as ``k_a × k_b`` cross-products).
       trace_dir: also write every draw's values, chunk by chunk, to ``.npy`` files there.
+      observe_every: evaluate the observables at every ``observe_every``-th draw only (not with
+        ``trace_dir``); λ̂ uses every draw.
 
     Returns:
       An :class:`ObservedResult`.
@@ -385,14 +386,18 @@ def observe(loss_fn, params, data, key, *, observables: dict, step_size, localiz
     if unknown:
         raise ValueError(f"pairs name {unknown}, which are not observables ({sorted(observables)})")
     eps, run, record = resolve_step(problem, kernel, run, auto, key, step_size, progress=progress)
-    observation = Observation(NamedObservables(tuple(functions), tuple(losses)), pairs=pairs)
+    validation.check_positive("observe_every", observe_every, integer=True)
+    if observe_every > 1 and trace_dir is not None:
+        raise ValueError(f"trace_dir keeps every draw's values; it does not combine with observe_every={observe_every}")
+    observation = Observation(NamedObservables(tuple(functions), tuple(losses)), pairs=pairs, every=int(observe_every))
     observed = run_observed(problem, kernel, run, key, step_size=eps, observation=observation, inputs=inputs,
                             trace_dir=trace_dir, progress=progress)
     sampled = observed.sampled._replace(record=record or None)
     llc = summarize(problem, sampled, sampler=kernel.name, key=key)
     keep = healthy_chains(llc)
     m = jax.tree.map(lambda x: x[keep], sampled.moments)
-    shapes, center = observed.shapes, observed.center
+    shapes = {name: tuple(s.shape) for name, s in observation.shapes(problem.params, inputs).items()}
+    center = observed.center
     shaped = lambda name, x: np.reshape(x, shapes[name])
     mean, mean_se, variance, variance_se = {}, {}, {}, {}
     for name in sorted(observables):
@@ -407,7 +412,8 @@ def observe(loss_fn, params, data, key, *, observables: dict, step_size, localiz
         covariance[pair_key(a, b)] = estimate.value.reshape(shapes[a] + shapes[b])
         covariance_se[pair_key(a, b)] = estimate.se.reshape(shapes[a] + shapes[b])
     settings = json_safe({**llc.settings, "observables": sorted(observables), "pairs": [list(p) for p in pairs],
-                          "trace_dir": None if trace_dir is None else str(trace_dir)})
+                          "trace_dir": None if trace_dir is None else str(trace_dir),
+                          "observe_every": int(observe_every)})
     return ObservedResult(
         names=tuple(sorted(observables)), shapes=shapes,
         at_center={name: shaped(name, center[name]) for name in observables}, mean=mean, mean_se=mean_se,

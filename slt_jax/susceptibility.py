@@ -25,10 +25,12 @@ C's own (used here). Per-sample (per-token) contributions: with L_q the mean of 
 ``χ = mean_x χ_x`` with ``χ_x = −nβ·Cov_p(φ_C, ℓ_x − L_n)``, the paper's attribution scores
 (times nβ).
 
-Estimator. Each draw measures φ_C and the L_n inside ΔL on two independent minibatches of the
-training data (with a control variate at w* each), so E[φ̂·L̂_n | w] = φ(w)·L_n(w) and the
-covariance is unbiased; with ``loss_estimator="full_batch"`` both are exact. The shift's
-entries are evaluated on all of q's rows at every draw.
+Estimator. φ_C at a draw is the draw's own loss record (the λ̂ draw over nβ: L_B(w_t) − L_B(w*)
+on the sampler's minibatch with the control variate — free), and the L_n inside ΔL a second
+estimate on an independent minibatch of the training data (with its own control variate), so
+E[φ̂·L̂_n | w] = φ(w)·L_n(w) and the covariance is unbiased; with ``loss_estimator="full_batch"``
+both are the exact L_n of the draw, and a user ``observable`` pairs with the draw's record
+directly. The shift's entries are evaluated on all of q's rows at every draw.
 """
 
 import dataclasses
@@ -47,7 +49,7 @@ from slt_jax.observables import (RowLosses, check_like, check_observable, check_
 from slt_jax.problem import make_problem
 from slt_jax.results import summarize
 from slt_jax.runner import divergence
-from slt_jax.runner.observation import Observation
+from slt_jax.runner.observation import DRAW_LOSS, Observation
 from slt_jax.serialization import json_safe
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 
@@ -56,10 +58,12 @@ SHIFT = "shift/"
 
 @dataclasses.dataclass(frozen=True)
 class SusceptibilityObservables:
-    """The observation of a susceptibility run (keyed: the minibatches of φ and L_n).
+    """The observation of a susceptibility run.
 
-    ``"loss"`` is the estimate of L_n(w) − L_n(w*) inside ΔL; ``"phi"`` the observable (absent
-    when it is the same exact L_n); ``"shift/<q>"`` every entry's loss on shift q.
+    φ_C is the draw's own loss record (``"draw_loss"``, free); the L_n inside ΔL is a second,
+    independent minibatch estimate (``"loss"``, keyed) when φ is that record and the record is a
+    minibatch estimate, and the record itself otherwise (exact, or independent of a user ``"phi"``).
+    ``"shift/<q>"`` holds every entry's loss on shift q.
     """
 
     loss_fn: Callable
@@ -69,31 +73,32 @@ class SusceptibilityObservables:
     exact: bool
     observable: Callable | None = None
 
-    def __call__(self, params, inputs, key):
-        data, center = inputs["data"], inputs["center"]
-        loss_fn, out = self.loss_fn, {}
-        if self.exact:
-            out["loss"] = batches.exact_loss(loss_fn, data, self.batch_size)(params)[None]
-        else:
-            # Independent minibatches for L_n (and φ_C), each with a control variate at w* on the
-            # same rows (only the change is noisy): every (point, batch) pair in one vmapped
-            # call, so the model appears once in the compiled program.
-            count = 2 if self.observable is None else 1
-            drawn = jax.vmap(lambda k: batches.minibatch(k, data, self.batch_size))(jax.random.split(key, count))
-            points = jax.tree.map(lambda w, c: jnp.stack([w, c]), params, center)
-            on = jax.vmap(jax.vmap(loss_fn, in_axes=(None, 0)), in_axes=(0, None))(points, drawn)
-            change = on[0] - on[1]
-            out["loss"] = change[:1]
-            if self.observable is None:
-                out["phi"] = change[1:]
+    @property
+    def separate_loss(self) -> bool:
+        return self.observable is None and not self.exact
+
+    @property
+    def phi(self) -> str:
+        return DRAW_LOSS if self.observable is None else "phi"
+
+    @property
+    def loss(self) -> str:
+        return "loss" if self.separate_loss else DRAW_LOSS
+
+    def __call__(self, params, inputs, key=None):
+        out = {}
+        if self.separate_loss:
+            # A control variate at w* on the same rows (only the change is noisy); both points in
+            # one vmapped call, so the model appears once in the compiled program.
+            batch = batches.minibatch(key, inputs["data"], self.batch_size)
+            points = jax.tree.map(lambda w, c: jnp.stack([w, c]), params, inputs["center"])
+            on = jax.vmap(self.loss_fn, in_axes=(0, None))(points, batch)
+            out["loss"] = (on[0] - on[1])[None]
         if self.observable is not None:
             out["phi"] = jnp.ravel(self.observable(params))
         for name in self.shifts:
             out[SHIFT + name] = jnp.ravel(self.shift_losses(params, inputs["shifts"][name]))
         return out
-
-    def phi(self) -> str:
-        return "loss" if self.exact and self.observable is None else "phi"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +144,8 @@ class SusceptibilityResult:
 
 
 def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, localization, components=None,
-                     observable=None, per_sample_loss=None, nbeta=None, sampler="sgld", mesh=None, devices=None,
+                     observable=None, per_sample_loss=None, observe_every: int = 1, nbeta=None, sampler="sgld",
+                     mesh=None, devices=None,
                      run: RunSettings | None = None, auto: AutoSettings | None = None,
                      precision: Precision | None = None, progress: bool = True, **options) -> SusceptibilityResult:
     """χ(φ_C, q) = d/dh E_h[φ_C] = −nβ·Cov_C(φ_C, L_q − L_n) for every component C and shift q.
@@ -151,8 +157,8 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
       loss_fn, params, data, key, step_size, localization, nbeta, sampler, mesh, devices, run,
         auto, precision, progress, **options: as for :func:`slt_jax.estimate_llc`
         (``step_size="auto"`` calibrates on the whole model; ``num_chains`` is per component;
-        ``loss_estimator="full_batch"`` measures φ_C and L_n exactly at every draw, else on two
-        independent minibatches of ``batch_size`` rows).
+        ``loss_estimator="full_batch"`` measures φ_C and L_n exactly at every draw, else on the
+        draw's own minibatch and one independent minibatch of ``batch_size`` rows).
       shifts: ``{name: q}``, each a dataset with rows like ``data``'s (same structure and row
         shapes), e.g. data toward a pattern, or a per-token probe set for a language model.
       components: ``{name: weight restriction}`` — anything ``param_mask`` accepts (a regular
@@ -164,6 +170,9 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
         entries — e.g. per-token next-token losses ``(B, T − 1)``
         (:func:`slt_jax.models.adapters.per_token_loss`), whose mean must be L_q; default
         ``loss_fn`` on one-row batches.
+      observe_every: evaluate the observables at every ``observe_every``-th draw only (λ̂ uses
+        every draw): successive draws of a small step are strongly correlated, so χ loses little
+        precision while the observables cost ``observe_every`` times less.
 
     Returns:
       A :class:`SusceptibilityResult`.
@@ -188,13 +197,15 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
     eps, run, record = resolve_step(problem, kernel, run, auto, key, step_size, progress=progress)
 
     exact = run.loss_estimator == "full_batch"
-    batch_size = problem.eval_batch_size
-    fn = SusceptibilityObservables(problem.loss_fn, shift_losses, tuple(entry_shapes), batch_size, exact, observable)
-    phi = fn.phi()
-    pairs = tuple((phi, SHIFT + q) for q in entry_shapes) + (() if phi == "loss" else ((phi, "loss"),))
-    observation = Observation(fn, pairs=pairs, keyed=True)
-    inputs = {"data": problem.data, "center": problem.params,
-              "shifts": {name: jax.tree.map(jnp.asarray, q) for name, q in shifts.items()}}
+    fn = SusceptibilityObservables(problem.loss_fn, shift_losses, tuple(entry_shapes), problem.eval_batch_size,
+                                   exact, observable)
+    phi, loss = fn.phi, fn.loss
+    pairs = tuple((phi, SHIFT + q) for q in entry_shapes) + (() if phi == loss else ((phi, loss),))
+    validation.check_positive("observe_every", observe_every, integer=True)
+    observation = Observation(fn, pairs=pairs, keyed=fn.separate_loss, draw_loss=True, every=int(observe_every))
+    inputs = {"shifts": {name: jax.tree.map(jnp.asarray, q) for name, q in shifts.items()}}
+    if fn.separate_loss:
+        inputs.update(data=problem.data, center=problem.params)
     chains = run.num_chains
     stacked = jax.tree.map(lambda *m: jnp.stack(m), *masks)
     mask_index = np.repeat(np.arange(len(names)), chains)
@@ -215,17 +226,17 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
         sampled = group_of(observed.sampled, group)._replace(record=record or None)
         llcs[name] = summarize(restricted, sampled, sampler=kernel.name, key=key)
         m = jax.tree.map(lambda x: x[healthy_chains(llcs[name])], sampled.moments)
-        phi_loss = m.squares["loss"][:, :, None] if phi == "loss" else m.cross[f"{phi}|loss"]
+        phi_loss = m.squares[loss][:, :, None] if phi == loss else m.cross[f"{phi}|{loss}"]
         for j, q in enumerate(entry_shapes):
             shift_sum, shift_cross = m.sums[SHIFT + q], m.cross[f"{phi}|{SHIFT}{q}"]
-            per_entry = estimators.ChainMoments(m.count, m.sums[phi], shift_sum - m.sums["loss"],
+            per_entry = estimators.ChainMoments(m.count, m.sums[phi], shift_sum - m.sums[loss],
                                                 shift_cross - phi_loss)
             estimate = estimators.covariance(per_entry)
             contributions[q][k] = -nbeta * estimate.value.reshape(entry_shapes[q])
             contributions_se[q][k] = nbeta * estimate.se.reshape(entry_shapes[q])
             # L_q is the mean of the entries, and the covariance is linear in it.
             whole = estimators.ChainMoments(m.count, m.sums[phi],
-                                            shift_sum.mean(axis=1, keepdims=True) - m.sums["loss"],
+                                            shift_sum.mean(axis=1, keepdims=True) - m.sums[loss],
                                             shift_cross.mean(axis=2, keepdims=True) - phi_loss)
             estimate = estimators.covariance(whole)
             chi[k, j], se[k, j] = -nbeta * estimate.value[0, 0], nbeta * estimate.se[0, 0]
@@ -235,8 +246,9 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
                           "num_sampled_per_component": dict(zip(names, counts)),
                           "shifts": {q: list(shape) for q, shape in entry_shapes.items()},
                           "observable": None if observable is None else getattr(observable, "__qualname__", "fn"),
-                          "per_sample_loss": per_sample_loss is not None, "phi_measured": "exact" if exact else
-                          "two independent minibatches with control variates"})
+                          "per_sample_loss": per_sample_loss is not None, "observe_every": int(observe_every),
+                          "loss_in_shift": "exact" if exact else "independent minibatch" if fn.separate_loss
+                          else "the draw's loss record"})
     return SusceptibilityResult(
         chi=chi, se=se, components=names, shifts=tuple(entry_shapes), contributions=contributions,
         contributions_se=contributions_se, pca=pca, llc_mean=np.array([llcs[n].llc_mean for n in names]),

@@ -7,7 +7,7 @@ settings — not on how many chains run beside it, nor on how the run is chunked
 """
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
         mask_index = jnp.asarray(mask_index, jnp.int32)
     observed = None
     if observation is not None:
-        at_center = jax.jit(observation)(problem.params, observed_inputs, jax.random.key(0))
+        at_center = _jitted(observation)(problem.params, observed_inputs, jax.random.key(0))
         observed = Observed(observed_inputs, {name: jnp.ravel(v) for name, v in at_center.items()})
     inputs = ChainInputs(
         step_size=jnp.asarray(step_size, dtype),
@@ -69,6 +69,13 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
         observed=observed,
     )
     return config, inputs
+
+
+@lru_cache(maxsize=16)
+def _jitted(observation: Observation):
+    """One compiled program per observation (equal observations hash alike): a trajectory's
+    checkpoints evaluate the observables at w* without tracing them again."""
+    return jax.jit(observation)
 
 
 @partial(jax.jit, static_argnames=("config", "num_chains"))

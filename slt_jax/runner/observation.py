@@ -31,12 +31,27 @@ class Observation:
       keyed: ``fn`` takes a third argument, a PRNG key of its own per chain and draw (for
         observables measured on random rows, e.g. a minibatch estimate of L_n); its draws are
         independent of the sampler's minibatch at that step.
+      draw_loss: also observe the draw's own loss record relative to w* under the name
+        ``"draw_loss"`` (shape ``(1,)``): ``L_B(w_t) − L_B(w*)`` with the control variate,
+        ``L(w_t) − L_n(w*)`` otherwise — the λ̂ draw over nβ, an unbiased estimate of
+        ``L_n(w_t) − L_n(w*)`` that costs nothing, its batch independent of w_t and of ``fn``'s key.
+      every: fold in every ``every``-th draw only (draws 0, every, 2·every, …): successive draws
+        of a small step are strongly correlated, so the moments lose little while observables
+        that cost as much as a step cost ``every`` times less. λ̂ still uses every draw.
     """
 
     fn: Callable
     pairs: tuple = ()
     record: bool = False
     keyed: bool = False
+    draw_loss: bool = False
+    every: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive integer, got {self.every!r}")
+        if self.every > 1 and self.record:
+            raise ValueError("record=True keeps every draw's values; it does not combine with every > 1")
 
     def __call__(self, params, inputs, key) -> dict:
         """The observables at ``params`` (``key`` is ignored unless ``keyed``)."""
@@ -44,7 +59,11 @@ class Observation:
 
     def shapes(self, params, inputs) -> dict:
         """``{name: ShapeDtypeStruct}`` of the observables, without evaluating them."""
-        return jax.eval_shape(self.__call__, params, inputs, jax.random.key(0))
+        shapes = jax.eval_shape(self.__call__, params, inputs, jax.random.key(0))
+        if self.draw_loss:
+            dtype = jax.tree.leaves(params)[0].dtype
+            shapes = {**shapes, DRAW_LOSS: jax.ShapeDtypeStruct((1,), dtype)}
+        return shapes
 
     def names(self, inputs, center) -> tuple:
         """The observables' names, sorted."""
@@ -52,6 +71,7 @@ class Observation:
 
 
 OBSERVATION_STREAM = 2  # fold_in(measurement key, 2): apart from the evaluation minibatch's key
+DRAW_LOSS = "draw_loss"
 
 
 class Observed(NamedTuple):
@@ -82,15 +102,33 @@ def pair_key(a: str, b: str) -> str:
     return f"{a}|{b}"
 
 
-def values_at(observation: Observation, position, observed: Observed, key=None) -> dict:
+def values_at(observation: Observation, position, observed: Observed, key=None, draw_loss=None) -> dict:
     """The observables at ``position`` relative to their values at w*.
 
-    ``key`` is the draw's measurement key; a keyed observation draws from its own stream of it.
+    ``key`` is the draw's measurement key (a keyed observation draws from its own stream of it);
+    ``draw_loss`` the draw's loss record relative to w* (kept when the observation asks for it).
     """
     if observation.keyed:
         key = jax.random.fold_in(key, OBSERVATION_STREAM)
     values = observation(position, observed.inputs, key)
-    return {name: jnp.ravel(values[name]) - observed.center[name] for name in values}
+    out = {name: jnp.ravel(values[name]) - observed.center[name] for name in values}
+    if observation.draw_loss:
+        out[DRAW_LOSS] = jnp.reshape(draw_loss, (1,))
+    return out
+
+
+def observe_draw(observation: Observation, moments, position, observed: Observed, key, draw_loss, draw_index):
+    """``(moments, values)``: draw ``draw_index``'s observables folded into ``moments``.
+
+    With ``every > 1`` only every ``every``-th draw is evaluated (a branch on the draw index,
+    shared by all chains, so skipped draws cost nothing) and no values are returned.
+    """
+    look = lambda: values_at(observation, position, observed, key, draw_loss)
+    if observation.every == 1:
+        values = look()
+        return accumulate(moments, observation, values), values
+    fold = lambda m: accumulate(m, observation, look())
+    return jax.lax.cond(draw_index % observation.every == 0, fold, lambda m: m, moments), None
 
 
 def zero_moments(observation: Observation, shapes: dict, dtype) -> Moments:
