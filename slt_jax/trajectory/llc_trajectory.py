@@ -222,6 +222,36 @@ def llc_trajectory(
     localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
     validation.check_positive("localization", localization, allow_zero=True)
     sampler_name = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler).name
+    wanted = plan_steps(checkpoint_dir, steps, calibrate_at if calibrated else "each")
+    settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
+                         eval_data, param_mask, run, auto, precision, calibrate_at)
+    store = None if results_path is None else ResultsStore(results_path, settings)
+    done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
+    todo = [s for s in wanted if s not in done]
+
+    if todo and template is None:
+        template = infer_template(checkpoint_dir, todo[0], item, select)
+    estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
+                    param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto,
+                    precision=precision, progress=False)
+    if todo and calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
+        step_size = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item, select,
+                                    sampler, estimate, progress)
+
+    def measure(step, params):
+        result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=step_size, **estimate)
+        where = None if not calibrated else (step if calibrate_at == "each" else calibrate_at)
+        return llc_row(step, result, localization, where)
+
+    rows = run_checkpoints(checkpoint_dir, wanted, done, measure, template=template, item=item, select=select,
+                           prefetch=prefetch, progress=progress, store=store, on_row=on_row)
+    ordered = tuple(_from_store(rows[s]) for s in wanted)
+    return LLCCurve(rows=ordered, settings=settings)
+
+
+def plan_steps(checkpoint_dir, steps, calibrate_at="each") -> list[int]:
+    """The checkpoint steps to measure (``steps``, default all finished ones), checked against the
+    directory; ``calibrate_at`` (a step, or ``"each"``) must be one of its checkpoints."""
     available = list_steps(checkpoint_dir)
     wanted = available if steps is None else sorted({int(s) for s in steps})
     absent = [s for s in wanted if s not in available]
@@ -230,44 +260,36 @@ def llc_trajectory(
                          f"(it holds {available})")
     if not wanted:
         raise ValueError("steps is empty")
-    if calibrated and calibrate_at != "each" and calibrate_at not in available:
+    if calibrate_at != "each" and calibrate_at not in available:
         raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
                          f"{str(checkpoint_dir)!r} (it holds {available})")
-    settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
-                         eval_data, param_mask, run, auto, precision, calibrate_at)
-    store = None if results_path is None else ResultsStore(results_path, settings)
-    done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
-    todo = [s for s in wanted if s not in done]
+    return wanted
 
+
+def run_checkpoints(checkpoint_dir, wanted, done: dict, measure: Callable[[int, Any], dict], *, template, item,
+                    select, prefetch, progress, store, on_row) -> dict:
+    """Rows for every step of ``wanted``: those in ``done`` as they are, the others ``measure(step,
+    params)``-ed one checkpoint at a time (the next restored while the current one samples), each
+    written to ``store`` and passed to ``on_row`` as soon as it is computed."""
     rows = dict(done)
-    if todo:
-        if template is None:
-            template = infer_template(checkpoint_dir, todo[0], item, select)
-        estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
-                        param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto,
-                        precision=precision, progress=False)
-        if calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
-            step_size = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item, select,
-                                        sampler, estimate, progress)
-        trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item,
-                                          select=select, steps=todo, prefetch=prefetch)
-        with tqdm(total=len(wanted), initial=len(done), disable=None if progress else True,
-                  desc="checkpoints", unit="ckpt") as bar:
-            for step, params in trajectory:
-                bar.set_postfix_str(f"step {step}")
-                result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=step_size,
-                                      **estimate)
-                where = None if not calibrated else (step if calibrate_at == "each" else calibrate_at)
-                row = llc_row(step, result, localization, where)
-                if store is not None:
-                    store.write(step, row)
-                rows[step] = row
-                if on_row is not None:
-                    on_row(row)
-                bar.set_postfix_str(f"step {step}: λ̂ = {row['llc_mean']:.3g}")
-                bar.update(1)
-    ordered = tuple(_from_store(rows[s]) for s in wanted)
-    return LLCCurve(rows=ordered, settings=settings)
+    todo = [s for s in wanted if s not in done]
+    if not todo:
+        return rows
+    trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item, select=select, steps=todo,
+                                      prefetch=prefetch)
+    with tqdm(total=len(wanted), initial=len(done), disable=None if progress else True,
+              desc="checkpoints", unit="ckpt") as bar:
+        for step, params in trajectory:
+            bar.set_postfix_str(f"step {step}")
+            row = measure(step, params)
+            if store is not None:
+                store.write(step, row)
+            rows[step] = row
+            if on_row is not None:
+                on_row(row)
+            bar.set_postfix_str(f"step {step}: λ̂ = {row['llc_mean']:.3g}")
+            bar.update(1)
+    return rows
 
 
 def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, select, sampler, estimate, progress):
@@ -283,8 +305,8 @@ def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, se
 
 
 def _from_store(row: Mapping) -> dict:
-    """A row with its columns in ``COLUMNS`` order (stored rows carry the same keys)."""
+    """A row with its columns in ``COLUMNS`` order, then any further columns (observables) as stored."""
     missing = [name for name in COLUMNS if name not in row]
     if missing:
         raise ValueError(f"stored row for step {row.get('step')} lacks columns {missing}")
-    return {name: row[name] for name in COLUMNS}
+    return {**{name: row[name] for name in COLUMNS}, **{k: v for k, v in row.items() if k not in COLUMNS}}
