@@ -26,7 +26,7 @@ import numpy as np
 from slt_jax import settings as settings_lib
 from slt_jax import validation
 from slt_jax.estimators import observables as estimators
-from slt_jax.observables import (RowLosses, check_rows, check_train_rows, healthy_chains, kernel_of, resolve_step,
+from slt_jax.observables import (RowLosses, check_rows, check_train_rows, healthy_moments, kernel_of, resolve_step,
                                  row_losses, run_observed)
 from slt_jax.problem import make_problem
 from slt_jax.results import LLCResult, summarize
@@ -53,7 +53,8 @@ class InfluenceResult:
 
     Attributes:
       covariance: BIF(z_i, φ_j) = −Cov_p(ℓ_i, φ_j), shape ``(rows, *query_shape)``: row i of
-        ``train_rows`` against query j (per token: ``(rows, queries, T − 1)``).
+        ``train_rows`` against query j (per token: ``(rows, queries, T − 1)``). This and the
+        next three are float32 (estimated in float64; the Monte Carlo error is far larger).
       se: its Monte Carlo standard error (delete-one-chain jackknife, docs/mathematics.md §8.5).
       correlation: −Corr_p(ℓ_i, φ_j), the same shape (NaN where a loss does not move).
       correlation_se: its standard error.
@@ -142,9 +143,11 @@ def bayesian_influence(loss_fn, params, data, key, *, query_data, step_size, loc
     query = jax.tree.map(jnp.asarray, query_data)
     query_shape = (num_queries, *entry)
     num_blocks = math.ceil(len(rows) / block_rows)
-    covariance = np.empty((len(rows), math.prod(query_shape)))
+    # Estimates are computed in float64 and stored in float32: the Monte Carlo error is far larger
+    # than float32's, and a 10⁴ × 10³ matrix takes 40 MB instead of 80.
+    covariance = np.empty((len(rows), math.prod(query_shape)), np.float32)
     se, correlation, correlation_se = np.empty_like(covariance), np.empty_like(covariance), np.empty_like(covariance)
-    llc, keep, count, query_sum, totals = None, None, None, None, None
+    llc, count, query_sum, totals = None, None, None, None
     for b in range(num_blocks):
         chosen = rows[b * block_rows:(b + 1) * block_rows]
         size = len(chosen)
@@ -155,8 +158,7 @@ def bayesian_influence(loss_fn, params, data, key, *, query_data, step_size, loc
                                 progress=progress)
         if llc is None:  # every block runs the same chains: one λ̂, one set of healthy chains
             llc = summarize(problem, observed.sampled._replace(record=record or None), sampler=kernel.name, key=key)
-            keep = healthy_chains(llc)
-        m = jax.tree.map(lambda x: np.asarray(x)[keep], observed.sampled.moments)
+        m = healthy_moments(llc, observed.sampled.moments)
         pair = estimators.chain_moments(m, "train", "query")
         pair = pair._replace(sum_a=pair.sum_a[:, :size], cross=pair.cross[:, :size], square_a=pair.square_a[:, :size])
         block = slice(b * block_rows, b * block_rows + size)
@@ -164,9 +166,9 @@ def bayesian_influence(loss_fn, params, data, key, *, query_data, step_size, loc
         covariance[block], se[block] = -cov.value, cov.se
         correlation[block], correlation_se[block] = -corr.value, corr.se
         # The mean over all entries is linear in the moments: sum its per-chain parts over blocks.
-        part = (pair.sum_a.sum(axis=1), pair.cross.sum(axis=(1, 2)))
+        part = (pair.sum_a.sum(axis=1, dtype=np.float64), pair.cross.sum(axis=(1, 2), dtype=np.float64))
         totals = part if totals is None else (totals[0] + part[0], totals[1] + part[1])
-        count, query_sum = pair.count, pair.sum_b.mean(axis=1)
+        count, query_sum = pair.count, pair.sum_b.mean(axis=1, dtype=np.float64)
         del observed, m, pair
     entries = covariance.shape[1]
     mean_pair = estimators.ChainMoments(count, (totals[0] / len(rows))[:, None], query_sum[:, None],

@@ -266,13 +266,19 @@ def group_of(sampled: Sampled, chains) -> Sampled:
                             moments=moments)
 
 
-def healthy_chains(llc: LLCResult) -> np.ndarray:
-    """The chains of a result that did not diverge (the observables exclude the same chains)."""
+def healthy_moments(llc: LLCResult, moments):
+    """The moments of the chains of ``llc`` that did not diverge (excluded as from λ̂).
+
+    Without diverged chains the moments are returned as they are: no copy of large
+    cross-products.
+    """
     keep = np.ones(len(llc.llc_per_chain), bool)
     keep[llc.diverged_chains] = False
     if not keep.any():
         raise ValueError("every chain diverged: no draws to estimate the observables from; lower step_size")
-    return keep
+    if keep.all():
+        return jax.tree.map(np.asarray, moments)
+    return jax.tree.map(lambda x: np.asarray(x)[keep], moments)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,8 +400,7 @@ def observe(loss_fn, params, data, key, *, observables: dict, step_size, localiz
                             trace_dir=trace_dir, progress=progress)
     sampled = observed.sampled._replace(record=record or None)
     llc = summarize(problem, sampled, sampler=kernel.name, key=key)
-    keep = healthy_chains(llc)
-    m = jax.tree.map(lambda x: x[keep], sampled.moments)
+    m = healthy_moments(llc, sampled.moments)
     shapes = {name: tuple(s.shape) for name, s in observation.shapes(problem.params, inputs).items()}
     center = observed.center
     shaped = lambda name, x: np.reshape(x, shapes[name])

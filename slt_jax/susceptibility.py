@@ -44,7 +44,7 @@ from slt_jax import settings as settings_lib
 from slt_jax import validation
 from slt_jax.data import batches
 from slt_jax.estimators import observables as estimators
-from slt_jax.observables import (RowLosses, check_like, check_observable, check_rows, group_of, healthy_chains,
+from slt_jax.observables import (RowLosses, check_like, check_observable, check_rows, group_of, healthy_moments,
                                  kernel_of, resolve_components, resolve_step, row_losses, run_observed)
 from slt_jax.problem import make_problem
 from slt_jax.results import summarize
@@ -225,7 +225,7 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
         restricted = dataclasses.replace(problem, mask=masks[k], param_mask=spec, num_sampled=counts[k])
         sampled = group_of(observed.sampled, group)._replace(record=record or None)
         llcs[name] = summarize(restricted, sampled, sampler=kernel.name, key=key)
-        m = jax.tree.map(lambda x: x[healthy_chains(llcs[name])], sampled.moments)
+        m = healthy_moments(llcs[name], sampled.moments)
         phi_loss = m.squares[loss][:, :, None] if phi == loss else m.cross[f"{phi}|{loss}"]
         for j, q in enumerate(entry_shapes):
             shift_sum, shift_cross = m.sums[SHIFT + q], m.cross[f"{phi}|{SHIFT}{q}"]

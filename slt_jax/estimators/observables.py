@@ -82,7 +82,7 @@ def _pooled_correlation(count, sum_a, sum_b, cross, square_a, square_b):
 
 def _jackknife(statistic, moments: ChainMoments, fields, block_entries: int) -> Estimate:
     """Delete-one-chain jackknife of ``statistic(*totals)`` over the chains, block by block of a's entries."""
-    parts = [np.asarray(getattr(moments, f), np.float64) for f in fields]
+    parts = [np.asarray(getattr(moments, f)) for f in fields]  # cast per block: no float64 copy of the whole
     chains = parts[0].shape[0]
     k_a, k_b = moments.sum_a.shape[1], moments.sum_b.shape[1]
     value = np.empty((k_a, k_b))
@@ -90,7 +90,7 @@ def _jackknife(statistic, moments: ChainMoments, fields, block_entries: int) -> 
     step = max(1, block_entries // max(1, k_b * chains))
     for start in range(0, k_a, step):
         rows = slice(start, min(k_a, start + step))
-        sliced = [_rows(f, p, rows) for f, p in zip(fields, parts)]
+        sliced = [np.asarray(_rows(f, p, rows), np.float64) for f, p in zip(fields, parts)]
         totals = [p.sum(axis=0) for p in sliced]
         full = statistic(*totals)
         if chains < 2:
