@@ -145,6 +145,32 @@ def tiny_language_model():
     return model, loss_fn, params, {"tokens": tokens}, {"tokens": np.concatenate([segment, segment], axis=1)}
 
 
+def bigram_losses(params, batch):
+    """Per-token next-token cross-entropy of a bigram model (logits = table[previous token])."""
+    tokens = batch["tokens"]
+    logits = params["table"][tokens[:, :-1]]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def test_per_token_probe_sets_give_per_token_contributions():
+    # A bigram model (a transformer's per-token interface at a fraction of its compile time; the
+    # transformer itself runs below, marked slow): probes of shape (rows, T) give (rows, T − 1).
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 5, (64, 6)).astype(np.int32)
+    segment = rng.integers(0, 5, (8, 3)).astype(np.int32)
+    probe = {"tokens": np.concatenate([segment, segment], axis=1)}
+    loss_fn = lambda p, b: jnp.mean(bigram_losses(p, b))
+    params = {"table": jnp.asarray(0.1 * rng.standard_normal((5, 5)), jnp.float32)}
+    result = slt_jax.susceptibilities(loss_fn, params, {"tokens": tokens}, jax.random.key(0), shifts={"repeat": probe},
+                                      components={"model": None, "row 0": {"table": np.eye(5, dtype=bool)[:1].T}},
+                                      per_sample_loss=bigram_losses, step_size=1e-3, localization=10.0, num_chains=4,
+                                      num_burnin=50, num_draws=50, batch_size=16, progress=False)
+    assert result.contributions["repeat"].shape == (2, 8, 5)
+    np.testing.assert_allclose(result.contributions["repeat"].mean(axis=(1, 2)), result.chi[:, 0], rtol=1e-6)
+    assert result.settings["num_sampled_per_component"] == {"model": 25, "row 0": 5}
+
+
+@pytest.mark.slow
 def test_per_token_probe_sets_for_a_transformer_give_per_token_contributions():
     # A "repeated segment" probe: each contribution is one target token's attribution score, and
     # χ is their mean because the mean of the per-token losses is the probe's next-token loss.
