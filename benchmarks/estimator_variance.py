@@ -27,23 +27,38 @@ Seeds run side by side: one ``estimate_llc`` call with seeds × c chains, split 
 c chains afterwards (chain i's trace depends only on the key and i, so the groups are
 independent estimates, as separate calls would be).
 
+  4. **Coverage at the auto settings (issue 16).** Every SGLD-family kernel with
+     ``step_size="auto"`` and every other setting at its default (8 chains), ``--coverage-seeds``
+     independent keys (default 40), each a whole calibrated estimate: how often the reported
+     95 % interval ``result.llc_interval(0.95)`` (λ̂ ± t₇·se, se the honest total) covers the NUTS
+     value, with the binomial (Wilson) 95 % interval of that coverage — beside the coverage the
+     chain-spread se with a normal quantile would have had.
+  5. **Coverage on a regular model.** Linear regression (d = 5, n = 2000, σ = 1, γ = 10, batch
+     100) at its least-squares fit, SGLD with ``step_size="auto"``: the exact value of SGLD's own
+     estimand at the run's final ε and batch is known (the Lyapunov equation, docs/mathematics.md
+     §3.3), so coverage tests the error bars apart from any step bias.
+
 Run::
 
-    python benchmarks/estimator_variance.py [--seeds 20] [--budget 16000]
+    python benchmarks/estimator_variance.py [--parts coverage regression] [--coverage-seeds 40]
+    python benchmarks/estimator_variance.py --parts splits samplers estimators [--seeds 20]
 
-It prints three tables and writes ``benchmarks/results/estimator_variance.json`` and
-``estimator_variance.png``. The defaults took 4 minutes on two CPU cores.
+It prints its tables and writes ``benchmarks/results/estimator_variance.json`` (and, with the
+splits, ``estimator_variance.png``). Parts 1–3 took 4 minutes on two CPU cores; parts 4–5 are
+the default (their time is printed).
 """
 
 import argparse
 import functools
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -125,9 +140,155 @@ def run(sampler, params, data, key, *, step_size, seeds, chains, steps, loss_est
     return per_seed(result, seeds, chains), time.perf_counter() - start
 
 
+def wilson(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion hits/total."""
+    if total == 0:
+        return float("nan"), float("nan")
+    p = hits / total
+    centre = (p + z**2 / (2 * total)) / (1 + z**2 / total)
+    half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / (1 + z**2 / total)
+    return centre - half, centre + half
+
+
+def coverage_row(name, results, truth_of) -> dict:
+    """Coverage of the reported 95 % intervals against ``truth_of(result)``, and of the old ones
+    (chain-spread se, normal quantile), with Wilson intervals."""
+    hits = old = 0
+    errors, ses = [], []
+    for r in results:
+        truth = truth_of(r)
+        lo, hi = r.llc_interval(0.95)
+        hits += lo <= truth <= hi
+        old += abs(r.llc_mean - truth) <= 1.96 * r.uncertainty["chains"]
+        errors.append(r.llc_mean / truth - 1)
+        ses.append(r.llc_se / truth)
+    n = len(results)
+    return {"name": name, "seeds": n, "coverage": hits / n, "coverage_ci": wilson(hits, n),
+            "old_coverage": old / n, "old_coverage_ci": wilson(old, n), "mean_rel_error": float(np.mean(errors)),
+            "rel_spread": float(np.std(errors, ddof=1)), "mean_rel_se": float(np.mean(ses)),
+            "median_abs_rel_error": float(np.median(np.abs(errors)))}
+
+
+def print_coverage(row):
+    lo, hi = row["coverage_ci"]
+    olo, ohi = row["old_coverage_ci"]
+    print(f"| {row['name']} | {row['seeds']} | {100 * row['coverage']:.0f} % ({100 * lo:.0f}–{100 * hi:.0f}) | "
+          f"{100 * row['old_coverage']:.0f} % ({100 * olo:.0f}–{100 * ohi:.0f}) | {100 * row['mean_rel_error']:+.1f} % | "
+          f"{100 * row['rel_spread']:.1f} % | {100 * row['mean_rel_se']:.1f} % | {row.get('seconds', 0):.0f} s |",
+          flush=True)
+
+
+def auto_coverage(params, data, reference, seeds, kernels, offset=0):
+    """Part 4: whole calibrated estimates, one per seed and kernel (seeds outermost, so a run
+    stopped early has every kernel's first seeds)."""
+    print(f"\n### 4. Coverage of the reported 95 % intervals at the auto settings ({seeds} seeds per kernel; "
+          f"NUTS {reference:.4f})\n")
+    results = {name: [] for name in kernels}
+    failures = {name: [] for name in kernels}
+    seconds = {name: 0.0 for name in kernels}
+    for seed in range(offset, offset + seeds):
+        for name in kernels:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    r = slt_jax.estimate_llc(_LOSS, params, data, jax.random.key(10_000 + seed), step_size="auto",
+                                             sampler=name, localization=LOCALIZATION, batch_size=BATCH_SIZE,
+                                             progress=False)
+                except CalibrationError as error:
+                    failures[name].append(str(error).splitlines()[0])
+                    print(f"  {name} seed {seed}: CalibrationError {failures[name][-1][:200]}", file=sys.stderr,
+                          flush=True)
+                    continue
+            seconds[name] += time.perf_counter() - start
+            results[name].append(r)
+            lo, hi = r.llc_interval(0.95)
+            print(f"  {name} seed {seed}: {r.llc_mean:.4f} ± {r.llc_se:.4f} (chains {r.uncertainty['chains']:.4f}) "
+                  f"[{lo:.4f}, {hi:.4f}] covers={lo <= reference <= hi} ε={r.settings['step_size']:.3g} "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    print("| sampler | seeds | covers NUTS (t, honest se; Wilson 95 %) | chain-spread se, 1.96 | mean error | spread "
+          "| mean se | wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in kernels:
+        if not results[name]:
+            continue
+        row = coverage_row(name, results[name], lambda r: reference)
+        row.update(seconds=seconds[name], calibration_errors=failures[name],
+                   step_sizes=[r.settings["step_size"] for r in results[name]],
+                   llc=[r.llc_mean for r in results[name]], se=[r.llc_se for r in results[name]],
+                   uncertainty=[r.uncertainty for r in results[name]])
+        rows.append(row)
+        print_coverage(row)
+    return rows
+
+
+def regression_coverage(seeds):
+    """Part 5: SGLD auto on linear regression against its exact Lyapunov estimand."""
+    from scipy.linalg import solve_discrete_lyapunov
+
+    from slt_jax.models.adapters import gaussian_nll
+
+    n, d, gamma, batch = 2000, 5, 10.0, 100
+    kx, kw, ke = jax.random.split(jax.random.key(77), 3)
+    x = jax.random.normal(kx, (n, d))
+    y = x @ jax.random.normal(kw, (d,)) + jax.random.normal(ke, (n,))
+    nll = gaussian_nll(1.0)
+    loss_fn = lambda w, b: jnp.mean(nll((b["x"] @ w)[:, None], b["y"][:, None]))
+    w_hat = jnp.linalg.lstsq(x, y)[0]
+    xs, residual = np.asarray(x, np.float64), np.asarray(y - x @ w_hat, np.float64)
+    hessian = xs.T @ xs / n
+    grads = -xs * residual[:, None]
+    covariance = grads.T @ grads / n
+    nbeta = n / math.log(n)
+
+    def estimand(step_size):
+        a = np.eye(d) - 0.5 * step_size * (nbeta * hessian + gamma * np.eye(d))
+        q = step_size * np.eye(d) + 0.25 * step_size**2 * nbeta**2 * covariance / batch
+        return 0.5 * nbeta * float(np.trace(hessian @ solve_discrete_lyapunov(a, q)))
+
+    start, results, failures = time.perf_counter(), [], []
+    for seed in range(seeds):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                results.append(slt_jax.estimate_llc(loss_fn, w_hat, {"x": x, "y": y},
+                                                    jax.random.key(20_000 + seed), step_size="auto",
+                                                    localization=gamma, batch_size=batch, progress=False))
+            except CalibrationError as error:
+                failures.append(str(error).splitlines()[0])
+                print(f"  regression seed {seed}: CalibrationError {failures[-1][:200]}", file=sys.stderr, flush=True)
+                continue
+        r = results[-1]
+        lo, hi = r.llc_interval(0.95)
+        truth = estimand(r.settings["step_size"])
+        print(f"  regression seed {seed}: {r.llc_mean:.4f} ± {r.llc_se:.4f} [{lo:.4f}, {hi:.4f}] exact {truth:.4f} "
+              f"covers={lo <= truth <= hi} ε={r.settings['step_size']:.3g} {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+    row = coverage_row("sgld, linear regression (exact SGLD estimand)", results,
+                       lambda r: estimand(r.settings["step_size"]))
+    eigenvalues = np.linalg.eigvalsh(hessian)  # ε → 0: the localized posterior's own ½Σ nβh/(nβh + γ)
+    limit = 0.5 * float(np.sum(nbeta * eigenvalues / (nbeta * eigenvalues + gamma)))
+    row.update(seconds=time.perf_counter() - start, estimand_eps0=limit, calibration_errors=failures,
+               step_sizes=[r.settings["step_size"] for r in results])
+    print("\n### 5. Coverage on a regular model: linear regression, d = 5, n = 2000, γ = 10, batch 100, SGLD auto, "
+          f"against SGLD's exact estimand at each run's ε (ε → 0: {row['estimand_eps0']:.4f})\n")
+    print("| model | seeds | covers exact (t, honest se) | chain-spread se, 1.96 | mean error | spread | mean se | wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    print_coverage(row)
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["coverage", "regression"],
+                        choices=["splits", "samplers", "estimators", "coverage", "regression"])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--coverage-seeds", type=int, default=40)
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS))
+    parser.add_argument("--seed-offset", type=int, default=0, help="first coverage seed (to split a run)")
+    parser.add_argument("--reference", type=float, default=None,
+                        help="the NUTS value, if known (skips NUTS; its se is then reported as NaN)")
     parser.add_argument("--budget", type=int, default=16_000, help="minibatch gradients per seed")
     parser.add_argument("--nuts-draws", type=int, default=1000)
     parser.add_argument("--out", default="benchmarks/results/estimator_variance.json")
@@ -136,12 +297,33 @@ def main(argv=None):
     params, data = problem()
     key = jax.random.key(1)
 
-    nuts = slt_jax.estimate_llc(_LOSS, params, data, jax.random.fold_in(key, 0), sampler="nuts", step_size=1e-3,
-                                localization=LOCALIZATION, num_chains=8, num_draws=args.nuts_draws,
-                                num_burnin=300, progress=False)
+    if args.reference is None or {"splits", "samplers", "estimators"} & set(args.parts):
+        nuts = slt_jax.estimate_llc(_LOSS, params, data, jax.random.fold_in(key, 0), sampler="nuts",
+                                    step_size=1e-3, localization=LOCALIZATION, num_chains=8,
+                                    num_draws=args.nuts_draws, num_burnin=300, progress=False)
+    else:
+        from types import SimpleNamespace
+
+        nuts = SimpleNamespace(llc_mean=args.reference, llc_se=float("nan"), nbeta=N / math.log(N))
     reference = nuts.llc_mean
     print(f"reference (NUTS, 8 chains × {args.nuts_draws}): λ̂ = {reference:.4f} ± {nuts.llc_se:.4f}; "
-          f"Aoyagi's global λ for {WIDTHS}, r = {RANK}: {float(slt_jax.dln_learning_coefficient(WIDTHS, RANK).lam):g}")
+          f"Aoyagi's global λ for {WIDTHS}, r = {RANK}: {float(slt_jax.dln_learning_coefficient(WIDTHS, RANK).lam):g}",
+          flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"settings": {"widths": WIDTHS, "rank": RANK, "n": N, "noise": NOISE, "localization": LOCALIZATION,
+                           "batch_size": BATCH_SIZE, "nbeta": nuts.nbeta, "device": str(jax.devices()[0])},
+              "reference": {"sampler": "nuts", "llc_mean": reference, "llc_se": nuts.llc_se}}
+    if "coverage" in args.parts:
+        record["coverage"] = auto_coverage(params, data, reference, args.coverage_seeds, args.kernels,
+                                           args.seed_offset)
+        out.write_text(json.dumps(record, indent=1, default=float))
+    if "regression" in args.parts:
+        record["regression"] = regression_coverage(args.coverage_seeds)
+        out.write_text(json.dumps(record, indent=1, default=float))
+    if not {"splits", "samplers", "estimators"} & set(args.parts):
+        print(f"\nwall time {time.perf_counter() - start:.0f} s on {jax.devices()[0]}; wrote {out}")
+        return
 
     top = default_step_sizes(_LOSS, params, data, jax.random.fold_in(key, 1), nbeta=nuts.nbeta,
                              localization=LOCALIZATION)[-1]

@@ -13,7 +13,9 @@ reports divergent transitions: the exact gold standard is practical at moderate 
 For each, NUTS (numpyro, full batch; :mod:`slt_jax.samplers.nuts`) gives the exact value of the
 finite-n, finite-γ estimand; SGLD (Gaussian and Rademacher noise), RMSProp-SGLD and SGNHT run
 at the step sizes a user would pick (small enough for ≈ 1 % discretisation bias) and SGLD once
-more at a step 30× too large.
+more at a step 30× too large. Then every kernel runs with ``step_size="auto"`` (same chains and
+minimum draws), and — issue 16's cost target, auto ≤ 3× — a fixed-step run at the step it
+picked with the same chains, draws and total steps: the table reports both walls and their ratio.
 Cost is the wall time of a compiled run (each configuration runs twice; the second is timed)
 and the number of per-sample gradients evaluated (chains × steps × batch for the SGMCMC
 samplers; chains × leapfrog steps × n for NUTS).
@@ -59,8 +61,9 @@ def timed(fn):
 def print_row(r):
     eps = "adapted" if r["step_size"] is None else f"{r['step_size']:g}"
     vs = "truth" if r["sampler"] == "nuts" else f"{r['vs_nuts']:+.1%} ({r['vs_nuts_sigma']:+.1f}σ)"
+    auto = (f" | {r['fixed_seconds']:.1f} | {r['auto_over_fixed']:.1f}×" if "auto_over_fixed" in r else " | | ")
     print(f"| {r['model']} | {r['sampler']} | {eps} | {r['llc']:.3f} ± {r['se']:.3f} | {vs} | "
-          f"{r['seconds']:.1f} | {r['gradients']:.2e} |", flush=True)
+          f"{r['seconds']:.1f} | {r['gradients']:.2e}{auto} |", flush=True)
 
 
 def bench_model(name, spec, quick):
@@ -84,6 +87,20 @@ def bench_model(name, spec, quick):
         steps = kw["num_burnin"] + kw["num_draws"]
         rows.append(dict(model=name, sampler=sampler, step_size=eps, llc=r.llc_mean, se=r.llc_se,
                          seconds=seconds, gradients=spec["chains"] * steps * 100))
+    for sampler in spec["steps"]:
+        kw = dict(sampler=sampler, localization=spec["gamma"], batch_size=100, num_chains=spec["chains"],
+                  num_burnin=int(spec["burnin"] * scale), num_draws=int(spec["draws"] * scale), progress=False)
+        auto, auto_time = timed(lambda s: slt_jax.estimate_llc(dln_loss, teacher, data, jax.random.key(s),
+                                                               step_size="auto", **kw))
+        eps, draws = auto.settings["step_size"], auto.settings["num_draws"]
+        total = auto.settings["equilibration"]["num_steps"]
+        same = dict(kw, num_burnin=total - draws, num_draws=draws, check_step=False)
+        _, fixed_time = timed(lambda s: slt_jax.estimate_llc(dln_loss, teacher, data, jax.random.key(s),
+                                                             step_size=eps, **same))
+        rows.append(dict(model=name, sampler=f"{sampler} auto", step_size=eps, llc=auto.llc_mean, se=auto.llc_se,
+                         seconds=auto_time, gradients=spec["chains"] * total * 100, fixed_seconds=fixed_time,
+                         auto_over_fixed=auto_time / fixed_time, steps=total,
+                         sweeps=auto.settings["calibration"]["sweeps"], pair=auto.settings["calibration"]["pair"]))
     for row in rows:
         row["vs_nuts"] = row["llc"] / truth.llc_mean - 1
         row["vs_nuts_sigma"] = (row["llc"] - truth.llc_mean) / np.hypot(row["se"], truth.llc_se)
@@ -98,8 +115,8 @@ def main():
     args = parser.parse_args()
     lam = float(dln_learning_coefficient((4, 3, 4), 1).lam)
     print(f"Aoyagi's λ for widths (4, 3, 4), rank 1: {lam:g} (the γ → 0, n → ∞ limit)\n")
-    print("| model | sampler | ε | λ̂ ± se | vs NUTS | wall s | per-sample gradients |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| model | sampler | ε | λ̂ ± se | vs NUTS | wall s | per-sample gradients | fixed at the pick, s | auto / fixed |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = [row for name, spec in MODELS.items() for row in bench_model(name, spec, args.quick)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"aoyagi_lambda": lam, "platform": platform.platform(), "jax": jax.__version__,

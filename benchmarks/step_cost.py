@@ -16,7 +16,16 @@ every parameter and pulls towards w*. This script measures, on the machine it ru
   * memory: the compiled chunk program for the 1M model with 16 chains (XLA's memory
     analysis: arguments, outputs, donated aliases, temporaries);
   * devices: chain-steps/s against the number of chains and of (simulated) devices, in a
-    subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+    subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``;
+  * reference (issue 16's target: the default ``estimate_llc`` chain-step ≤ 1.3× a plain
+    vmapped ``lax.scan`` SGD step of the same model, batch and chain count): on the devinterp
+    workload (DLN 10-10-10-10, 64 chains, batch 100, ``benchmarks/speed_vs_devinterp.py``) and on
+    the 1M-parameter MLP (4 chains, batch 256, the default batch), side by side in one process:
+    the SGD step; the chain runner's step as ``estimate_llc`` builds it with every step a draw
+    (the default control variate read from its table, the forward-pass control variate it
+    replaced, the free ``"minibatch"`` record, and Rademacher noise); and a whole default
+    ``estimate_llc`` call after compilation (L_n(w*), the table, the check after the run)
+    divided by its chain-steps.
 
 Run::
 
@@ -138,7 +147,7 @@ def sgd_run(params, data, batch_size, num_steps):
     @jax.jit
     def train(params, key):
         def body(p, t):
-            batch = minibatch(jax.random.fold_in(key, t), data, batch_size)
+            batch, _ = minibatch(jax.random.fold_in(key, t), data, batch_size)
             loss, grad = jax.value_and_grad(mlp_loss)(p, batch)
             return jax.tree.map(lambda w, g: w - LEARNING_RATE * g, p, grad), loss
 
@@ -258,6 +267,86 @@ def devices_worker(quick: bool):
     return rows
 
 
+def vmapped_sgd_run(loss_fn, params, data, batch_size, num_chains, num_steps):
+    """``num_steps`` plain SGD steps of ``num_chains`` independent copies (vmapped), each drawing
+    its own minibatch, in one jitted ``lax.scan``: the cheapest a chain-step can be."""
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains, *x.shape)), params)
+
+    @jax.jit
+    def train(params, key):
+        def one(p, k):
+            batch, _ = minibatch(k, data, batch_size)
+            loss, grad = jax.value_and_grad(loss_fn)(p, batch)
+            return jax.tree.map(lambda w, g: w - LEARNING_RATE * g, p, grad), loss
+
+        def body(p, t):
+            keys = jax.random.split(jax.random.fold_in(key, t), num_chains)
+            return jax.vmap(one)(p, keys)
+
+        return jax.lax.scan(body, params, jnp.arange(num_steps))
+
+    return lambda: train(stacked, jax.random.key(2))
+
+
+def reference(quick: bool):
+    """The default chain-step against a vmapped SGD step (see the module docstring)."""
+    import dataclasses
+    import warnings
+
+    import numpy as np
+
+    import slt_jax
+    from slt_jax.problem import make_problem
+    from slt_jax.runner.chains import setup
+    from slt_jax.samplers import SGLD
+    from slt_jax.settings import RunSettings
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import speed_vs_devinterp as devinterp_workload
+
+    weights, x, y = devinterp_workload.make_problem()
+    dln = ([jnp.asarray(w) for w in weights], {"x": jnp.asarray(x), "y": jnp.asarray(y)})
+    workloads = {
+        "DLN 10-10-10-10 (devinterp workload)": (devinterp_workload.dln_loss, *dln, 100, 64,
+                                                 500 if quick else 2000, devinterp_workload.STEP_SIZE,
+                                                 devinterp_workload.LOCALIZATION),
+        "MLP 1M": (mlp_loss, *problem(MODELS["1M"]), 256, 4, 10 if quick else 20, STEP_SIZE, LOCALIZATION),
+    }
+    rows = []
+    for name, (loss_fn, params, data, batch_size, chains, steps, eps, gamma) in workloads.items():
+        run = RunSettings(num_chains=chains, num_burnin=0, num_draws=steps, batch_size=batch_size,
+                          chunk_size=steps)
+        prob = make_problem(loss_fn, params, data, localization=gamma, run=run)
+        fns = {"sgd": vmapped_sgd_run(loss_fn, params, data, batch_size, chains, steps)}
+        variants = {"default (table)": (prob, run, SGLD), "forward-pass CV": (
+            dataclasses.replace(prob, center_losses=None), run, SGLD),
+            "minibatch": (prob, dataclasses.replace(run, loss_estimator="minibatch"), SGLD),
+            "table, Rademacher": (prob, run, SGLD_RADEMACHER)}
+        for label, (p, r, kernel) in variants.items():
+            config, inputs = setup(p, kernel, r, eps)
+            fns[label] = sgld_run(config, inputs, chains, steps, chunk_size=steps)
+
+        def whole():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return slt_jax.estimate_llc(loss_fn, params, data, jax.random.key(5), step_size=eps,
+                                            localization=gamma, num_chains=chains, num_burnin=0, num_draws=steps,
+                                            batch_size=batch_size, chunk_size=steps, progress=False).llc_mean
+
+        fns["estimate_llc (default, whole call)"] = whole
+        t = best_times(fns, 2 if quick else 5)
+        per = {label: 1e3 * wall / (chains * steps) for label, (wall, _) in t.items()}
+        row = {"workload": name, "chains": chains, "batch_size": batch_size, "steps": steps,
+               "sgd_ms_per_chain_step": per["sgd"]}
+        for label in fns:
+            if label != "sgd":
+                row[f"{label} ms"] = per[label]
+                row[f"{label} / sgd"] = per[label] / per["sgd"]
+        rows.append(row)
+        print(f"  reference {name}: default/sgd = {row['default (table) / sgd']:.2f}", file=sys.stderr)
+    return rows
+
+
 def markdown(rows, columns):
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -269,7 +358,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_cost.json"))
     parser.add_argument("--devices-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-only", action="store_true", help="only the default-vs-SGD table")
     args = parser.parse_args()
+    if args.reference_only:
+        rows = reference(args.quick)
+        print(json.dumps(rows, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_name("step_cost_reference.json").write_text(json.dumps(rows, indent=2))
+        return
     if args.devices_worker:
         print(json.dumps(devices_worker(args.quick)))
         return
@@ -277,6 +373,7 @@ def main():
     results = {
         "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "jax_version": jax.__version__,
+        "reference": reference(args.quick),
         "step_cost": step_cost(args.quick),
         "noise_impls": noise_impls(args.quick),
         "progress": progress_cost(args.quick),
@@ -288,6 +385,16 @@ def main():
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     results["devices"] = json.loads(out.strip().splitlines()[-1])
 
+    print(f"## Default chain-step against a vmapped SGD step ({results['device']}, jax {jax.__version__})\n")
+    for row in results["reference"]:
+        print(f"### {row['workload']}: {row['chains']} chains, batch {row['batch_size']}, {row['steps']} steps; "
+              f"SGD {row['sgd_ms_per_chain_step']:.4f} ms per chain-step\n")
+        print("| variant | ms per chain-step | ratio to SGD |\n|---|---|---|")
+        for key, value in row.items():
+            if key.endswith(" ms"):
+                label = key[:-3]
+                print(f"| {label} | {value:.4f} | {row[label + ' / sgd']:.2f}× |")
+        print()
     print(f"## Step cost ({results['device']}, jax {jax.__version__})\n")
     print(markdown(results["step_cost"], ["model", "num_params", "batch_size", "sgd_ms", "sgld_ms",
                                           "noise_ms", "sgld_over_sgd", "sgld_over_sgd_cpu"]))

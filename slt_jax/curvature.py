@@ -39,31 +39,36 @@ def _tree_dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def top_eigenvalue(loss, position, probe, mask=None, num_iters: int = POWER_ITERATIONS):
-    """|largest eigenvalue| of ``Hess loss(position)`` on the coordinates of ``mask``.
+def top_eigenvalue(loss, position, probe, scale=None, num_iters: int = POWER_ITERATIONS):
+    """|largest eigenvalue| of ``S·Hess loss(position)·S``, ``S = diag(scale)``.
 
-    Power iteration from ``probe``: ``‖H·u_k‖`` with ``u_k`` the normalised k-th iterate, which
-    approaches |h_max| from below (traced; use inside jit).
+    ``scale`` is a pytree like ``position``: a 0/1 mask (the Hessian on the sampled
+    coordinates), a preconditioner's ``G^½`` times the mask (the curvature a kernel with a
+    diagonal preconditioner G sees: RMSProp-SGLD's step is ε·G per coordinate, so its
+    stability is that of ``G^½ ∇²U G^½``), or ``None`` for the plain Hessian.
+    Power iteration from ``probe``: ``‖SHS·u_k‖`` with ``u_k`` the normalised k-th iterate,
+    which approaches the largest |eigenvalue| from below (traced; use inside jit).
     """
-    masked = (lambda u: u) if mask is None else (lambda u: jax.tree.map(jnp.multiply, u, mask))
-    product = lambda u: masked(hvp(loss, position, masked(u)))
+    scaled = (lambda u: u) if scale is None else (lambda u: jax.tree.map(jnp.multiply, u, scale))
+    product = lambda u: scaled(hvp(loss, position, scaled(u)))
 
     def body(u, _):
         hu = product(u)
         norm = jnp.sqrt(_tree_dot(hu, hu))
         return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), hu), norm
 
-    _, norms = lax.scan(body, masked(probe), None, length=num_iters)
+    _, norms = lax.scan(body, scaled(probe), None, length=num_iters)
     return norms[-1]
 
 
 @partial(jax.jit, static_argnames=("loss_fn",))
-def curvatures(loss_fn, batch, positions, probe, mask):
-    """h of ``L_B`` at each of ``positions`` (a params pytree with a leading axis of 2): one
-    program per model, shared by the calibration grid (w* and a typical point) and the chains
-    (two at a time)."""
-    top = lambda position: top_eigenvalue(lambda p: loss_fn(p, batch), position, probe, mask)
-    return jax.vmap(top)(positions)
+def curvatures(loss_fn, batch, positions, probe, scales):
+    """h of ``L_B`` at each of ``positions`` (a params pytree with a leading axis of 2), each on
+    its own ``scales`` (leading axis of 2: the mask, times ``G^½`` for a preconditioned kernel;
+    :func:`top_eigenvalue`): one program per model, shared by the calibration grid (w* and a
+    typical point) and the chains (two at a time)."""
+    top = lambda position, scale: top_eigenvalue(lambda p: loss_fn(p, batch), position, probe, scale)
+    return jax.vmap(top)(positions, scales)
 
 
 @partial(jax.jit, static_argnames=("loss_fn", "batch_size"))
@@ -78,7 +83,7 @@ def full_batch_top_eigenvalue(loss_fn, params, data, key, *, mask=None, batch_si
     return float(_full_batch_top(loss_fn, params, data, probe, mask, batch_size))
 
 
-_probe_batch = jax.jit(minibatch, static_argnums=2)
+_probe_batch = jax.jit(lambda key, data, rows: minibatch(key, data, rows)[0], static_argnums=2)
 
 
 def probe_batch(key, data):
@@ -94,9 +99,11 @@ def normal_like(key, tree):
     return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
-def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.ndarray:
+def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None, preconditioner=None,
+                    max_chains: int | None = None, rows: int = PROBE_ROWS) -> np.ndarray:
     """h at each chain's position: |largest Hessian eigenvalue| of ``L_B`` there (power
-    iteration on a probe batch of up to 4096 rows, the grid's own estimate).
+    iteration on a probe batch of up to 4096 rows, the grid's own estimate) — of
+    ``G^½·∇²L_B·G^½`` for a kernel with a diagonal preconditioner G.
 
     :func:`slt_jax.tuning.grid.default_step_sizes` places its grid with h estimated near w*; chains that leave a
     singular point along its flat directions can reach much stiffer ground. On the 8-layer
@@ -111,24 +118,40 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None) -> np.nda
       positions: the chains' positions, a params pytree with a leading chain axis.
       key: PRNG key for the probe batch and the power iteration's start.
       param_mask: as in :func:`slt_jax.estimate_llc` (curvature on the sampled coordinates).
+      preconditioner: G per chain (a params pytree with a leading chain axis), or ``None``.
+      max_chains: measure at most this many chains (an even spread of indices; the others are
+        NaN), or ``None`` for all — a bound on the cost of checks after every run.
+      rows: rows of the probe batch (at most n).
 
     Returns:
-      h per chain, ``(chains,)``.
+      h per chain, ``(chains,)`` (NaN for chains not measured).
     """
     n = validation.check_data(data)
     key_batch, key_power = jax.random.split(key)
-    batch = _probe_batch(key_batch, data, min(n, PROBE_ROWS))
+    batch = _probe_batch(key_batch, data, min(n, rows))
     # On the host: uncommitted like the grid's arguments, so the grid's compiled program serves
     # the chains two at a time whatever mesh they ran on.
     host = jax.device_get(positions)
     center = jax.tree.map(lambda x: jnp.asarray(x[0]), host)
     mask = masks.resolve_mask(param_mask, center)
     mask = jax.tree.map(jnp.ones_like, center) if mask is None else mask
-    probe = normal_like(key_power, center)
     num_chains = jax.tree.leaves(positions)[0].shape[0]
-    pairs = [jax.tree.map(lambda x: x[[i, min(i + 1, num_chains - 1)]], host) for i in range(0, num_chains, 2)]
-    h = [np.asarray(curvatures(loss_fn, batch, pair, probe, mask), np.float64) for pair in pairs]
-    return np.concatenate(h)[:num_chains]
+    if preconditioner is None:
+        scales = jax.tree.map(lambda m: np.broadcast_to(np.asarray(m), (num_chains, *np.shape(m))), mask)
+    else:
+        scales = jax.tree.map(lambda g, m: np.sqrt(np.asarray(g)) * np.asarray(m), jax.device_get(preconditioner),
+                              mask)
+    probe = normal_like(key_power, center)
+    chosen = np.arange(num_chains)
+    if max_chains is not None and num_chains > max_chains:
+        chosen = np.unique(np.linspace(0, num_chains - 1, max_chains).round().astype(int))
+    h = np.full(num_chains, np.nan)
+    for i in range(0, chosen.size, 2):
+        pair = chosen[[i, min(i + 1, chosen.size - 1)]]
+        take = lambda x: jnp.asarray(np.asarray(x)[pair])
+        h[pair] = np.asarray(curvatures(loss_fn, batch, jax.tree.map(take, host), probe,
+                                        jax.tree.map(take, scales)), np.float64)
+    return h
 
 
 def _lanczos_program(loss_fn, unravel, n: int, batch_size: int, num_full: int, rest: int, num_steps: int):

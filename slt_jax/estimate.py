@@ -6,17 +6,21 @@ sampler kernel → chain runner → statistics; this function only wires it: one
 summary (:func:`slt_jax.results.summarize`).
 """
 
+import contextlib
+import dataclasses
+import warnings
+
 import jax
 import numpy as np
 
 from slt_jax import settings, validation
 from slt_jax.problem import make_problem
 from slt_jax.results import LLCResult, summarize
-from slt_jax.runner import chains
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.tuning import auto as auto_lib
+from slt_jax.tuning import checks
 from slt_jax.tuning.sweep import Calibration
 
 
@@ -72,32 +76,53 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
         ``max_plateau_extension``, ``dtype``, ``compute_dtype``, …).
 
     Returns:
-      An :class:`~slt_jax.results.LLCResult`.
+      An :class:`~slt_jax.results.LLCResult`. Warnings raised while estimating are emitted as
+      usual, and their messages are also kept in its ``settings["warnings"]``.
     """
-    run, auto, precision = settings.resolve(options, (run, RunSettings), (auto, AutoSettings),
-                                            (precision, Precision))
-    validation.key_data(key)
-    kernel = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler)
-    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
-    if not calibrated:
-        validation.check_positive("step_size", step_size)
-    if calibrated and kernel == nuts.NUTS:
-        raise ValueError("sampler='nuts' adapts its own step size: pass a number as its initial step_size")
-    if mala and getattr(kernel, "name", kernel) != "sgld":
-        raise ValueError(f"mala=True checks SGLD proposals; it does not apply to sampler={kernel!r}")
-    problem = make_problem(loss_fn, params, data, localization=localization, nbeta=nbeta, eval_data=eval_data,
-                           param_mask=param_mask, mesh=mesh, devices=devices, precision=precision, run=run)
-    if kernel == nuts.NUTS:
-        sampled = nuts.sample(problem, run, key, step_size=step_size, progress=progress)
-    elif calibrated:
-        calibration = auto_lib.calibration_for(problem, kernel, run, auto, key, step_size, progress=progress)
-        sampled = auto_lib.sample_calibrated(problem, kernel, run, auto, key, calibration, progress=progress)
-    else:
-        sampled = chains.sample(problem, kernel, run, key, step_size=step_size, progress=progress)
-    if mala:
-        rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(), sampled.positions,
-                                jax.random.split(key)[1], step_size=sampled.step_size)
-        healthy = sampled.diverged_at < 0
-        stats = {"mala_acceptance": float(np.mean(rates[healthy])) if healthy.any() else float("nan")}
-        sampled = sampled._replace(sampler_stats={**(sampled.sampler_stats or {}), **stats})
-    return summarize(problem, sampled, sampler=getattr(kernel, "name", kernel), key=key)
+    with _reemitted_warnings() as caught:
+        run, auto, precision = settings.resolve(options, (run, RunSettings), (auto, AutoSettings),
+                                                (precision, Precision))
+        validation.key_data(key)
+        kernel = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler)
+        calibrated = isinstance(step_size, Calibration) or step_size == "auto"
+        if not calibrated:
+            validation.check_positive("step_size", step_size)
+        if calibrated and kernel == nuts.NUTS:
+            raise ValueError("sampler='nuts' adapts its own step size: pass a number as its initial step_size")
+        if mala and getattr(kernel, "name", kernel) != "sgld":
+            raise ValueError(f"mala=True checks SGLD proposals; it does not apply to sampler={kernel!r}")
+        problem = make_problem(loss_fn, params, data, localization=localization, nbeta=nbeta, eval_data=eval_data,
+                               param_mask=param_mask, mesh=mesh, devices=devices, precision=precision, run=run)
+        if kernel == nuts.NUTS:
+            sampled = nuts.sample(problem, run, key, step_size=step_size, progress=progress)
+        elif calibrated:
+            calibration = auto_lib.calibration_for(problem, kernel, run, auto, key, step_size, progress=progress)
+            sampled = auto_lib.sample_calibrated(problem, kernel, run, auto, key, calibration, progress=progress)
+        else:
+            sampled = checks.sample_checked(problem, kernel, run, key, step_size=step_size, progress=progress)
+        if mala:
+            rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(), sampled.positions,
+                                    jax.random.split(key)[1], step_size=sampled.step_size)
+            healthy = sampled.diverged_at < 0
+            stats = {"mala_acceptance": float(np.mean(rates[healthy])) if healthy.any() else float("nan")}
+            sampled = sampled._replace(sampler_stats={**(sampled.sampler_stats or {}), **stats})
+        result = summarize(problem, sampled, sampler=getattr(kernel, "name", kernel), key=key)
+    messages = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return dataclasses.replace(result, settings={**result.settings, "warnings": messages})
+
+
+@contextlib.contextmanager
+def _reemitted_warnings():
+    """Record the warnings raised inside and emit each again, unchanged, on the way out.
+
+    Yields the list of ``warnings.WarningMessage`` the estimate records in its settings. The
+    caller's filters still decide: an ``"error"`` filter raises at the source as before, an
+    ``"ignore"`` filter leaves nothing to record.
+    """
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield caught
+    finally:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 CALIBRATION = 2**31 - 1  # the step-size sweep of step_size="auto"
 LAPLACE = 2**31 - 2  # the Laplace value's rows and probe vectors
 CURVATURE = 2**31 - 3  # the free-energy ladder's curvature probe
+STEP_CHECK = 2**31 - 4  # the curvature probe of the check after a fixed-step run
 STIFFNESS = 2**31 - 16  # + k: the k-th stiffness check at the chains' positions
 
 

@@ -1,4 +1,5 @@
-"""Matplotlib figures for LLC curves, early-warning indicators and step-size calibration.
+"""Matplotlib figures for LLC curves, per-chain traces, early-warning indicators and step-size
+calibration.
 
 Figures are built on the Agg canvas without pyplot, so no global figure state is kept and
 nothing needs closing; each function returns its ``Figure`` and writes a PNG when given
@@ -13,6 +14,7 @@ from slt_jax.curves.early_warning import EarlyWarning
 from slt_jax.paths import local_path
 
 _LLC_LABEL = r"LLC $\hat\lambda$"
+_CHAIN_COLORS = ("C0", "C2", "C4", "C5", "C6", "C7", "C8", "C9")  # C1 and C3 mark escaped and diverged chains
 
 
 def plot_llc_curve(
@@ -232,6 +234,137 @@ def plot_llc_vs_step_size(
     ax.set_xlabel("step size ε")
     ax.set_ylabel(_LLC_LABEL)
     ax.legend(loc="best", fontsize="small")
+    return _finish(fig, path)
+
+
+def plot_component_curves(steps, curves: dict, *, loss=None, events=(), path=None, title=None) -> Figure:
+    """One λ̂ curve per component (e.g. every attention head's refined LLC) over training.
+
+    Args:
+      steps: checkpoint steps, shape ``(n,)``.
+      curves: name → ``(llc_mean, llc_se)``, each shape ``(n,)`` (NaN where a row is flagged:
+        left out of that component's line).
+      loss: optional loss at each checkpoint, drawn in a top panel.
+      events: steps to mark (e.g. a loss drop), dotted green.
+      path: optional PNG path to write.
+      title: optional figure title.
+
+    Returns:
+      The ``Figure``.
+    """
+    steps = _curve("steps", steps)
+    if not curves:
+        raise ValueError("curves is empty: pass at least one component")
+    loss = None if loss is None else _curve("loss", loss, steps.size)
+    fig = _figure(2 if loss is not None else 1, height_per_panel=2.8)
+    axes = fig.axes
+    if loss is not None:
+        axes[0].plot(steps, loss, color="0.3")
+        axes[0].set_ylabel("loss")
+        if np.all(loss > 0):
+            axes[0].set_yscale("log")
+    ax = axes[-1]
+    for k, (name, (mean, se)) in enumerate(curves.items()):
+        mean, se = np.asarray(mean, float), np.asarray(se, float)
+        if mean.shape != steps.shape or se.shape != steps.shape:
+            raise ValueError(f"curves[{name!r}] must hold two arrays of shape {steps.shape}")
+        keep = np.isfinite(mean) & np.isfinite(se)
+        color = f"C{k % 10}"
+        ax.plot(steps[keep], mean[keep], color=color, label=name, linestyle="-" if k < 10 else "--")
+        ax.fill_between(steps[keep], (mean - 2 * se)[keep], (mean + 2 * se)[keep], color=color, alpha=0.15)
+    ax.set_ylabel(_LLC_LABEL)
+    for panel in axes:
+        _step_axis(panel, steps)
+        for event in events:
+            panel.axvline(event, color="C2", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("step")
+    ax.legend(loc="best", fontsize="x-small", ncol=2 if len(curves) > 6 else 1)
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def plot_llc_traces(
+    llc_trace, *, steps, burnin, llc_mean=None, llc_se=None, diverged=(), escaped=(),
+    distance_trace=None, burnin_label=None, title=None, path=None, max_points=4000,
+) -> Figure:
+    """Per-chain λ̂ traces (one line per chain) with the burn-in marked and bad chains highlighted.
+
+    Traces longer than ``max_points`` draws are drawn at every k-th draw (a calibrated run can
+    record hundreds of thousands); the estimate's line and band are those of all draws.
+
+    Args:
+      llc_trace: per-draw λ̂ values, shape ``(chains, draws)``; non-finite values (a diverged
+        chain) are left out of the lines.
+      steps: the sampler step of each draw, shape ``(draws,)``.
+      burnin: steps run before the first draw; shaded as burn-in (draws are recorded after it).
+      llc_mean, llc_se: optional estimate drawn as a line with a ±2·s.e. band.
+      diverged: indices of diverged chains, drawn in red; the y-range follows the other chains.
+      escaped: indices of chains that slid away from w*, drawn dashed in orange.
+      distance_trace: optional ``‖w_t − w*‖²`` per draw, ``(chains, draws)``, in a second panel.
+      burnin_label: legend text of the burn-in band (default "burn-in (not recorded)").
+      title: optional figure title.
+      path: optional PNG path to write.
+      max_points: the most draws per chain drawn.
+
+    Returns:
+      The ``Figure``.
+
+    Raises:
+      ValueError: naming the offending argument.
+    """
+    trace = np.asarray(llc_trace, dtype=float)
+    if trace.ndim != 2 or trace.shape[1] < 1:
+        raise ValueError(f"llc_trace must have shape (chains, draws), got {trace.shape}")
+    steps = _curve("steps", steps, trace.shape[1])
+    if not np.isfinite(burnin) or burnin < 0:
+        raise ValueError(f"burnin must be a non-negative number, got {burnin!r}")
+    diverged, escaped = set(int(c) for c in diverged), set(int(c) for c in escaped)
+    if any(not 0 <= c < trace.shape[0] for c in diverged | escaped):
+        raise ValueError(f"diverged and escaped must be chain indices below {trace.shape[0]}")
+    panels = [("llc", trace)]
+    if distance_trace is not None:
+        distance = np.asarray(distance_trace, dtype=float)
+        if distance.shape != trace.shape:
+            raise ValueError(f"distance_trace must have the shape of llc_trace {trace.shape}, got {distance.shape}")
+        panels.append(("distance", distance))
+    stride = max(1, -(-trace.shape[1] // max_points))
+    steps, panels = steps[::stride], [(kind, values[:, ::stride]) for kind, values in panels]
+
+    fig = _figure(len(panels), height_per_panel=2.6)
+    for ax, (kind, values) in zip(fig.axes, panels):
+        labelled = set()
+        for chain, row in enumerate(values):
+            row = np.where(np.isfinite(row), row, np.nan)
+            if chain in diverged:
+                style, label = dict(color="C3", linewidth=1.0, zorder=3), "diverged chain"
+            elif chain in escaped:
+                style, label = dict(color="C1", linewidth=1.0, linestyle="--", zorder=3), "escaped chain"
+            else:
+                style, label = dict(color=_CHAIN_COLORS[chain % len(_CHAIN_COLORS)], linewidth=0.6,
+                                    alpha=0.7), None
+            ax.plot(steps, row, label=label if label not in labelled else None, **style)
+            labelled.add(label)
+        held = [c for c in range(values.shape[0]) if c not in diverged]
+        finite = values[held][np.isfinite(values[held])] if held else np.empty(0)
+        if finite.size:  # keep the healthy chains readable: a diverged one would flatten them
+            low, high = finite.min(), finite.max()
+            margin = 0.1 * (high - low) or 1.0
+            ax.set_ylim(low - margin, high + margin)
+        ax.axvspan(0, burnin, color="0.85", zorder=0, label=(burnin_label or "burn-in (not recorded)")
+                   if kind == "llc" else None)
+        ax.set_xlim(0, steps[-1])
+        ax.set_ylabel(_LLC_LABEL if kind == "llc" else r"$\|w_t - w^*\|^2$")
+    ax = fig.axes[0]
+    if llc_mean is not None and np.isfinite(llc_mean):
+        ax.hlines(llc_mean, steps[0], steps[-1], color="k", linewidth=1.2, label=f"λ̂ = {llc_mean:.4g}", zorder=4)
+        if llc_se is not None and np.isfinite(llc_se):
+            ax.fill_between(steps[[0, -1]], llc_mean - 2 * llc_se, llc_mean + 2 * llc_se, color="k", alpha=0.12,
+                            label="± 2 s.e.")
+    ax.legend(loc="best", fontsize="small")
+    fig.axes[-1].set_xlabel("sampler step")
+    if title is not None:
+        fig.suptitle(title)
     return _finish(fig, path)
 
 

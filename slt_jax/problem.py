@@ -9,6 +9,7 @@ does it once; a :class:`Problem` carries the result.
 """
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -16,12 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from slt_jax import masks, validation
-from slt_jax.data.batches import FullBatchLoss, full_batch_loss
+from slt_jax.data.batches import FullBatchLoss, full_batch_loss, per_sample_losses
 from slt_jax.posterior import LocalPosterior, default_nbeta
 from slt_jax.runner import divergence, sharding
 from slt_jax.settings import Precision, RunSettings
 
 _full_batch_loss = jax.jit(full_batch_loss, static_argnums=(0, 3))
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _per_sample_losses(loss_fn, params, data, batch_size):
+    """The per-row losses and, for their check, ``loss_fn`` on the first ``batch_size`` rows (one
+    program: an eager call would trace ``loss_fn`` again for every point)."""
+    rows = min(batch_size, jax.tree.leaves(data)[0].shape[0])
+    first = jax.tree.map(lambda x: x[:rows], data)
+    return per_sample_losses(loss_fn, params, data, batch_size), loss_fn(params, first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,11 @@ class Problem:
       init_loss: ``L_n(w*)`` on the measurement data, exact (a Python float).
       mesh: where the chains (and data) run.
       precision: dtype and compute dtype.
+      center_losses: the control variate's table: ℓ_i(w*) per row of the measurement data
+        (the eval data if given), shifted so that its mean is ``init_loss`` exactly, sharded
+        like those rows; ``None`` where each draw evaluates ``L_B(w*)`` by a forward pass
+        instead (see :func:`center_table`).
+      control_variate: how the control variate reads ``L_B(w*)`` and why (recorded).
     """
 
     loss_fn: Callable
@@ -86,6 +101,8 @@ class Problem:
     init_loss: float
     mesh: Any
     precision: Precision
+    center_losses: Any = None
+    control_variate: dict | None = None
 
     def posterior(self, nbeta=None, localization=None) -> LocalPosterior:
         """The localized posterior at w* (nβ, γ as arrays of the run's dtype; per-chain
@@ -118,7 +135,7 @@ class Problem:
             "dtype": str(self.precision.dtype),
             "compute_dtype": None if self.precision.compute_dtype is None else str(self.precision.compute_dtype),
             "devices": sharding.devices_of(self.mesh), "mesh": dict(self.mesh.shape),
-            "jax_version": jax.__version__,
+            "jax_version": jax.__version__, "control_variate": self.control_variate,
         }
 
 
@@ -173,13 +190,54 @@ def make_problem(loss_fn, params, data, *, localization, nbeta=None, eval_data=N
     init_loss = float(measured.mean)
     if not np.isfinite(init_loss):
         raise ValueError(f"loss_fn is not finite at params (L_n(w*) = {init_loss}): check params and data")
+    table, note = None, None
+    if run.loss_estimator == "control_variate":
+        table, note = center_table(wrapped, params, data if eval_data is None else eval_data, eval_batch_size,
+                                   measured.mean, precision)
+        table = None if table is None else sharding.put_data(table, mesh)
     problem = Problem(
         loss_fn=wrapped, user_loss_fn=loss_fn, params=params, data=data, eval_data=eval_data, n=n, n_eval=n_eval,
         num_params=num_params, num_sampled=num_sampled, mask=mask, param_mask=param_mask, nbeta=float(nbeta),
         localization=float(localization), batch_size=batch_size, eval_batch_size=eval_batch_size,
-        reference=reference, init_loss=init_loss, mesh=mesh, precision=precision)
+        reference=reference, init_loss=init_loss, mesh=mesh, precision=precision, center_losses=table,
+        control_variate=note)
     validation.check_positive("divergence_threshold", problem.divergence_threshold(run))
     return problem
+
+
+def center_table(loss_fn, params, data, batch_size: int, exact_mean, precision: Precision):
+    """The control variate's table ℓ_i(w*), read by index instead of a forward pass per draw.
+
+    The per-row losses come from ``loss_fn`` on one-row batches (vmapped, once over the data,
+    like L_n(w*)). They serve only if ``loss_fn`` is a mean of per-row terms, checked on the
+    first batch: the mean of the rows' values must equal ``loss_fn`` on the batch to float
+    tolerance (relative 1e-5 of the losses' scale at float32/float64 compute, 1e-2 at a lower
+    ``compute_dtype``). The table is then shifted by ``L_n(w*) − mean(table)`` — a rounding-level
+    constant — so that its mean is the exact L_n(w*) and the estimator stays unbiased whatever
+    the rounding (docs/mathematics.md §1.3).
+
+    Returns:
+      ``(table, note)``: the table ``(n,)`` at the run's dtype (``None`` when the check fails:
+      each draw then evaluates L_B(w*) by a forward pass) and a JSON-ready note of which and why.
+    """
+    rows = min(batch_size, jax.tree.leaves(data)[0].shape[0])
+    try:
+        table, batch_loss = _per_sample_losses(loss_fn, params, data, batch_size)
+    except Exception as error:  # a loss that cannot take one-row batches
+        return None, {"method": "forward_pass", "reason": f"loss_fn failed on one-row batches: {error}"[:300]}
+    per_row, batch_loss = float(jnp.mean(table[:rows])), float(batch_loss)
+    scale = max(abs(batch_loss), float(jnp.mean(jnp.abs(table[:rows]))), 1e-30)
+    compute = precision.compute_dtype
+    rtol = 1e-5 if compute is None or jnp.dtype(compute).itemsize >= 4 else 1e-2
+    if not (np.isfinite(per_row) and abs(per_row - batch_loss) <= rtol * scale):
+        return None, {"method": "forward_pass",
+                      "reason": (f"the mean of loss_fn over one-row batches ({per_row:.6g}) differs from loss_fn on "
+                                 f"the batch ({batch_loss:.6g}) on the first {rows} rows: loss_fn is not a mean of "
+                                 f"per-row terms, so each draw evaluates L_B(w*) by a forward pass")}
+    shift = jnp.asarray(exact_mean, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) - jnp.mean(table)
+    table = (table + shift).astype(precision.dtype)
+    return table, {"method": "table", "reason": "per-sample losses at w*, read by the minibatch's indices",
+                   "shift": float(shift)}
 
 
 def _abstract_batch(data, batch_size: int):

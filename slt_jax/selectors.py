@@ -2,7 +2,7 @@
 
 The weight-refined LLC (Wang et al., arXiv:2410.02984) samples a subset V of the parameters
 with the rest frozen at w*; for transformers V is an attention head, a layer's attention or MLP,
-or the (un)embedding (REFERENCE.md §7). A selector names V and resolves, against a parameter
+or the (un)embedding (Hoogland et al. arXiv:2402.02364; Wang et al. arXiv:2410.02984). A selector names V and resolves, against a parameter
 pytree, to a boolean mask shaped like it — also *inside* arrays, since a head is a slice.
 
 Grammar of ``param_mask`` (``estimate_llc`` and everything that takes one):

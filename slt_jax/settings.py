@@ -62,6 +62,11 @@ class RunSettings:
       divergence_threshold: a chain diverges when ``nβ·(L_B(w_t) − L_n(w*))`` exceeds this;
         ``None`` for ``10·d + 100 + 20·nβ·std(L_B(w*))``.
       on_divergence: ``"warn"`` (diverged chains are named and excluded) or ``"raise"``.
+      check_step: after a run at a fixed step size, check it where the chains ended: the
+        kernel's stability rule at their positions (a ``CalibrationWarning`` naming a smaller
+        step when ε exceeds it), the kernel's own health (SGNHT's kinetic temperature) and
+        whether λ̂ still trends between the halves of the draws; the record, with its cost in
+        seconds, is ``settings["step_check"]`` (docs/calibration.md). ``False`` skips it.
     """
 
     num_chains: int = 8
@@ -73,6 +78,7 @@ class RunSettings:
     chunk_size: int | None = None
     divergence_threshold: float | None = None
     on_divergence: str = "warn"
+    check_step: bool = True
 
     DEFAULT_BATCH_SIZE = 256  # a class constant, not a field
 
@@ -89,6 +95,8 @@ class RunSettings:
         _positive("divergence_threshold", self.divergence_threshold, allow_none=True)
         if self.on_divergence not in ("warn", "raise"):
             raise ValueError(f"on_divergence={self.on_divergence!r} must be 'warn' or 'raise'")
+        if not isinstance(self.check_step, bool):
+            raise ValueError(f"check_step must be True or False, got {self.check_step!r}")
 
     def batch_size_for(self, n: int) -> int:
         """The minibatch size for a dataset of ``n`` rows (checked against n)."""
@@ -127,6 +135,13 @@ class SweepSettings:
       min_window_draws: draws the largest step size gets in its window, at least.
       check_z: standard errors by which a trend or a negative λ̂ must be significant to count.
       min_mala_acceptance: acceptance below which a step size counts as unstable.
+      max_grid_extensions: how many more rounds the sweep may run while no two consecutive step
+        sizes are stable and agree (docs/calibration.md §3a): a round either runs the smallest
+        stable step and the next one up again with as many new chains as they have had (when
+        only their standard error keeps them apart), or extends the grid down by one step
+        (ε_min/f, run for T/ε steps: f× the steps, at equal simulated time).
+      on_unverified: past that budget, ``"raise"`` (:class:`~slt_jax.CalibrationError`) or
+        ``"warn"`` (use the smallest stable step, unverified, with a ``CalibrationWarning``).
     """
 
     num_chains: int = 4
@@ -141,10 +156,15 @@ class SweepSettings:
     min_window_draws: int = 20
     check_z: float = 3.0
     min_mala_acceptance: float = 0.7
+    max_grid_extensions: int = 4
+    on_unverified: str = "raise"
 
     def __post_init__(self):
         for name in ("num_chains", "num_steps", "grid_points", "min_window_draws"):
             _positive_int(name, getattr(self, name))
+        _positive_int("max_grid_extensions", self.max_grid_extensions, allow_zero=True)
+        if self.on_unverified not in ("raise", "warn"):
+            raise ValueError(f"on_unverified={self.on_unverified!r} must be 'raise' or 'warn'")
         if not 0 < self.burnin_fraction < 1:
             raise ValueError(f"burnin_fraction must lie in (0, 1), got {self.burnin_fraction!r}")
         _positive("rtol", self.rtol)

@@ -88,12 +88,14 @@ class SusceptibilityObservables:
     def __call__(self, params, inputs, key=None):
         out = {}
         if self.separate_loss:
-            # A control variate at w* on the same rows (only the change is noisy); both points in
-            # one vmapped call, so the model appears once in the compiled program.
-            batch = batches.minibatch(key, inputs["data"], self.batch_size)
-            points = jax.tree.map(lambda w, c: jnp.stack([w, c]), params, inputs["center"])
-            on = jax.vmap(self.loss_fn, in_axes=(0, None))(points, batch)
-            out["loss"] = (on[0] - on[1])[None]
+            # A control variate at w* on the same rows (only the change is noisy): read from the
+            # problem's table of ℓ_i(w*) when it has one, else a second forward pass.
+            batch, rows = batches.minibatch(key, inputs["data"], self.batch_size)
+            if "table" in inputs:
+                at_center = jnp.mean(jnp.take(inputs["table"], rows, mode="clip"))
+            else:
+                at_center = self.loss_fn(inputs["center"], batch)
+            out["loss"] = (self.loss_fn(params, batch) - at_center)[None]
         if self.observable is not None:
             out["phi"] = jnp.ravel(self.observable(params))
         for name in self.shifts:
@@ -206,6 +208,8 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
     inputs = {"shifts": {name: jax.tree.map(jnp.asarray, q) for name, q in shifts.items()}}
     if fn.separate_loss:
         inputs.update(data=problem.data, center=problem.params)
+        if problem.center_losses is not None and problem.eval_data is None:
+            inputs["table"] = problem.center_losses
     chains = run.num_chains
     stacked = jax.tree.map(lambda *m: jnp.stack(m), *masks)
     mask_index = np.repeat(np.arange(len(names)), chains)

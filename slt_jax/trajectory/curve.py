@@ -8,6 +8,8 @@ CSV and JSON.
 
 import csv
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,19 @@ COLUMNS = (
     "localization", "n", "num_chains", "diverged_chains", "escaped_chains", "flagged", "ess",
     "rhat", "step_size", "calibrated_at",
 )
+
+
+# early_warning's default window is half the series and must span at least 4 values.
+MIN_EARLY_WARNING_ROWS = 8
+
+
+class WrittenFiles(dict):
+    """The paths :meth:`LLCCurve.write` wrote, by kind, with ``skipped``: the outputs the rows
+    did not allow, by kind, each with a one-line reason."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[str, str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +53,13 @@ class LLCCurve:
         (the step the estimate ended with) and ``calibrated_at`` (the checkpoint whose
         calibration it used; empty for a fixed step).
       settings: every setting shared by the rows (JSON-ready).
+      results: optionally, each step's :class:`~slt_jax.LLCResult` (with its draws), by step;
+        not written to files (see :meth:`to_arviz`).
     """
 
     rows: tuple
     settings: dict
+    results: Mapping[int, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def column(self, name: str) -> np.ndarray:
         """One column as a float array (NaN where a value is missing)."""
@@ -181,6 +199,9 @@ class LLCCurve:
             llc_ax.plot(self.steps[~keep], np.full(int((~keep).sum()), llc_ax.get_ylim()[0]), "x",
                         color="C3", clip_on=False, label="flagged: chains escaped or diverged")
             llc_ax.legend(loc="best", fontsize="small")
+            if self.steps.min() <= 0 < self.steps[keep].min():  # a log axis cannot show step 0
+                for ax in fig.axes:
+                    ax.set_xscale("symlog", linthresh=1.0)
         for event in events:
             fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
         if path is not None:
@@ -188,9 +209,16 @@ class LLCCurve:
         return fig
 
     def write(self, out_dir, *, stages: Stages | None = None, loss=None, events=(), seed=0,
-              title: str | None = None) -> dict:
-        """Write ``llc_curve.csv``, ``llc_curve.json`` (with the stages), ``llc_curve.png``
-        and, with at least 6 healthy rows, ``early_warning.png`` (indicators of λ̂).
+              title: str | None = None) -> "WrittenFiles":
+        """Write ``llc_curve.csv`` and ``llc_curve.json`` (with the stages), then the figures the
+        rows allow: ``llc_curve.png`` (at least one healthy row) and ``early_warning.png``
+        (indicators of λ̂; at least 8 healthy rows, so that its rolling window of half of them
+        spans ≥ 4).
+
+        The CSV and JSON are written first, so nothing computed is lost to a figure; a figure
+        that the rows do not allow, or whose statistics fail on them, is skipped and the reason
+        kept in the returned ``skipped`` (one line each): short, sparse or all-flagged
+        trajectories write what they can and never raise here.
 
         Args:
           out_dir: output directory (created if missing).
@@ -199,11 +227,12 @@ class LLCCurve:
           seed: seed of the early-warning surrogates.
 
         Returns:
-          The written paths by kind (``csv``, ``json``, ``plot``, ``early_warning``).
+          The written paths by kind (``csv``, ``json``, ``plot``, ``early_warning``), a dict
+          whose ``skipped`` attribute maps each skipped kind to why.
         """
         out = local_path(out_dir, "out_dir")
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"csv": out / "llc_curve.csv", "json": out / "llc_curve.json"}
+        paths = WrittenFiles(csv=out / "llc_curve.csv", json=out / "llc_curve.json")
         self.to_csv(paths["csv"])
         document = self.to_dict()
         if stages is not None:
@@ -212,17 +241,50 @@ class LLCCurve:
                 "smoothing": stages.smoothing, "threshold": stages.threshold})
         dump_json(document, paths["json"], indent=1)
         keep = self.healthy
-        if keep.any():
-            paths["plot"] = out / "llc_curve.png"
-            self.plot(paths["plot"], stages=stages, loss=loss, events=events, title=title)
-        if keep.sum() >= 6:
-            paths["early_warning"] = out / "early_warning.png"
-            from slt_jax.plots import plot_early_warning
+        healthy = int(keep.sum())
+        if not healthy:
+            paths.skipped["plot"] = (f"llc_curve.png skipped: no healthy rows to plot ({len(self.rows)} flagged "
+                                     "or without λ̂)")
+        else:
+            try:
+                self.plot(out / "llc_curve.png", stages=stages, loss=loss, events=events, title=title)
+                paths["plot"] = out / "llc_curve.png"
+            except ValueError as error:
+                paths.skipped["plot"] = f"llc_curve.png skipped: {error}"
+        if healthy < MIN_EARLY_WARNING_ROWS:
+            paths.skipped["early_warning"] = (
+                f"early_warning.png skipped: the indicators need at least {MIN_EARLY_WARNING_ROWS} healthy rows "
+                f"(a rolling window of half of them, at least 4), the curve has {healthy}")
+        else:
+            try:
+                from slt_jax.plots import plot_early_warning
 
-            plot_early_warning(self.steps[keep], self.column("llc_mean")[keep],
-                               self.early_warning(seed=seed), log_steps=True,
-                               path=paths["early_warning"])
+                plot_early_warning(self.steps[keep], self.column("llc_mean")[keep],
+                                   self.early_warning(seed=seed), log_steps=True,
+                                   path=out / "early_warning.png")
+                paths["early_warning"] = out / "early_warning.png"
+            except ValueError as error:
+                paths.skipped["early_warning"] = f"early_warning.png skipped: {error}"
         return paths
+
+    def to_arviz(self) -> dict:
+        """The draws of each checkpoint as ``{step: arviz.InferenceData}``
+        (:meth:`slt_jax.LLCResult.to_arviz`: ``llc``, ``loss`` and ``distance`` with dims
+        ``(chain, draw)``), for the steps whose :class:`~slt_jax.LLCResult` the curve holds.
+
+        One InferenceData per checkpoint: checkpoints may differ in their number of draws (a
+        calibrated step size sets its own schedule) and each is a separate posterior, so they
+        share no ``(chain, draw)`` grid. A curve's rows are summaries; the draws are there only
+        where ``results`` was given (a curve read back from JSON or a results store has none).
+
+        Raises:
+          ValueError: when the curve holds no draws.
+          ImportError: naming the extra when ArviZ is not installed.
+        """
+        if not self.results:
+            raise ValueError("this curve holds no draws, only per-checkpoint summaries: build it with "
+                             "results={step: LLCResult} to export draws")
+        return {int(step): result.to_arviz() for step, result in sorted(self.results.items())}
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict ``{"settings", "rows"}`` (non-finite numbers as None)."""
@@ -240,10 +302,52 @@ class LLCCurve:
             for row in json_safe(list(self.rows)):
                 writer.writerow({key: "" if row.get(key) is None else row[key] for key in self.columns})
 
-    def __str__(self) -> str:
-        lines = [f"{'step':>8} {'λ̂':>9} {'± se':>7} {'L_n(w*)':>11} {'flag':>5}"]
+    def summary(self, stages: Stages | None = None) -> str:
+        """The rows as a table, with a footer: flagged rows and why, rows whose R-hat or ESS is
+        flagged (the thresholds of :class:`~slt_jax.LLCResult`'s summary), the stage boundaries
+        (when ``stages`` is given) and how the step size was chosen."""
+        from slt_jax.results import MIN_ESS_PER_CHAIN, RHAT_THRESHOLD
+
+        lines = [f"{'step':>8} {'λ̂':>9} {'± se':>7} {'L_n(w*)':>11} {'R-hat':>6} {'ESS':>6} {'chains':>7} "
+                 f"{'step size':>9} {'flag':>4}"]
+        flagged, bad_rhat, low_ess = [], [], []
         for row in self.rows:
-            mark = "×" if row["flagged"] else ""
-            lines.append(f"{row['step']:>8d} {row['llc_mean']:>9.3f} {row['llc_se']:>7.3f} "
-                         f"{row['init_loss']:>11.5g} {mark:>5}")
+            held = row["num_chains"] - row["diverged_chains"] - row["escaped_chains"]
+            if row["flagged"]:
+                why = [f"{row[k]} {k.split('_')[0]}" for k in ("diverged_chains", "escaped_chains") if row[k]]
+                flagged.append(f"{row['step']} ({', '.join(why) or 'no λ̂'})")
+            rhat, ess = _float(row.get("rhat")), _float(row.get("ess"))
+            if rhat > RHAT_THRESHOLD:
+                bad_rhat.append(str(row["step"]))
+            if ess < MIN_ESS_PER_CHAIN * max(held, 1):
+                low_ess.append(str(row["step"]))
+            chains = f"{held}/{row['num_chains']}"
+            lines.append(f"{row['step']:>8d} {_float(row['llc_mean']):>9.3f} {_float(row['llc_se']):>7.3f} "
+                         f"{_float(row['init_loss']):>11.5g} {rhat:>6.3f} {ess:>6.0f} {chains:>7} "
+                         f"{_float(row.get('step_size')):>9.3g} {'×' if row['flagged'] else '':>4}")
+        healthy = int(self.healthy.sum())
+        lines.append(f"{len(self.rows)} checkpoints, {healthy} healthy")
+        if flagged:
+            lines.append(f"flagged (chains diverged or slid away from w*; left out of the λ̂ plot and the stages): "
+                         f"steps {', '.join(flagged)}")
+        if bad_rhat:
+            lines.append(f"R-hat above {RHAT_THRESHOLD} at steps {', '.join(bad_rhat)}")
+        if low_ess:
+            lines.append(f"ESS below {MIN_ESS_PER_CHAIN} per healthy chain at steps {', '.join(low_ess)}")
+        if stages is not None:
+            boundaries = ", ".join(f"{b:.0f}" for b in stages.boundaries) or "none"
+            lines.append(f"stage boundaries at steps {boundaries} (smoothing {stages.smoothing:g} decades)")
+        step_sizes = self.column("step_size")
+        calibrated = {row.get("calibrated_at") for row in self.rows} - {None}
+        if calibrated:
+            where = "at each checkpoint" if len(calibrated) > 1 or len(self.rows) == 1 else \
+                f"once, at step {next(iter(calibrated))}"
+            lines.append(f"step size calibrated {where}: {np.nanmin(step_sizes):.3g} to {np.nanmax(step_sizes):.3g}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _float(value) -> float:
+    return np.nan if value is None else float(value)

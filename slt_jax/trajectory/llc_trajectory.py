@@ -35,66 +35,24 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from slt_jax import settings as settings_lib
 from slt_jax import masks, validation
 from slt_jax.estimate import estimate_llc
 from slt_jax.estimators.diagnostics import chain_diagnostics, mcse_mean
-from slt_jax.estimators.llc import llc_statistics
+from slt_jax.estimators.llc import escaped_chains, llc_statistics
 from slt_jax.paths import checkpoint_path
 from slt_jax.posterior import default_nbeta
 from slt_jax.problem import make_problem
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.settings import AutoSettings, Precision, RunSettings
-from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
 from slt_jax.trajectory.curve import COLUMNS, LLCCurve
-from slt_jax.trajectory.store import ResultsStore
+from slt_jax.trajectory.loop import checkpoint_rows
 from slt_jax.tuning.auto import calibration_for
 from slt_jax.tuning.sweep import Calibration
 
 DEFAULT_LOCALIZATION_PER_NBETA = 0.1
-
-
-def escaped_chains(llc_per_chain, distance_trace, *, num_sampled: int, localization: float,
-                   escape_llc: float = 10.0, distance_factor: float = 2.0):
-    """Which chains slid away from w* instead of sampling around it.
-
-    A chain has escaped when either
-
-    - its λ̂ is below ``−escape_llc`` (−10): at a local minimum every exact draw of
-      ``nβ·(L(w_t) − L(w*))`` is ≥ 0, so a chain averaging 10 nats below w*'s tempered loss
-      found a way down (minibatch noise in the control-variate draws averages out far below
-      that); or
-    - its mean ``‖w_t − w*‖²`` over the second half of its draws exceeds
-      ``distance_factor·num_sampled/γ`` (2×). The localizer alone gives
-      ``E‖w − w*‖² = num_sampled/γ``, and a loss that does not decrease along any ray from w*
-      only shrinks it (the radial weight ``exp(−nβ·ΔL)`` is non-increasing, and the Gaussian
-      radius is independent of the direction), so a chain twice as far out was pulled by lower
-      loss.
-
-    Args:
-      llc_per_chain: λ̂ of each chain, shape ``(chains,)``.
-      distance_trace: ``‖w_t − w*‖²`` per draw, shape ``(chains, draws)``.
-      num_sampled: number of sampled parameters (those the mask leaves free).
-      localization: γ; with γ = 0 only the λ̂ rule applies.
-      escape_llc, distance_factor: the two rules' thresholds.
-
-    Returns:
-      Boolean array, shape ``(chains,)``.
-    """
-    llc_per_chain = np.asarray(llc_per_chain, np.float64)
-    distance = np.asarray(distance_trace, np.float64)
-    if distance.ndim != 2 or distance.shape[0] != llc_per_chain.shape[0]:
-        raise ValueError(
-            f"distance_trace must have shape (chains, draws) = ({llc_per_chain.shape[0]}, …), "
-            f"got {distance.shape}"
-        )
-    slid = llc_per_chain < -escape_llc
-    if localization > 0:
-        late = distance[:, distance.shape[1] // 2:].mean(axis=1)
-        slid |= late > distance_factor * num_sampled / localization
-    return slid
 
 
 def llc_row(step: int, result, localization: float, calibrated_at=None) -> dict:
@@ -208,7 +166,9 @@ def llc_trajectory(
         :class:`~slt_jax.Calibration`).
 
     Returns:
-      An :class:`LLCCurve` with one row per requested step.
+      An :class:`LLCCurve` with one row per requested step; ``curve.results`` holds the
+      :class:`~slt_jax.LLCResult` (draws included) of every step computed in this call (not of
+      steps read back from ``results_path``), for ``curve.to_arviz()`` and trace plots.
     """
     checkpoint_dir = checkpoint_path(checkpoint_dir)
     run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
@@ -222,74 +182,35 @@ def llc_trajectory(
     localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
     validation.check_positive("localization", localization, allow_zero=True)
     sampler_name = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler).name
-    wanted = plan_steps(checkpoint_dir, steps, calibrate_at if calibrated else "each")
+    if calibrated and calibrate_at != "each":
+        available = list_steps(checkpoint_dir)
+        if calibrate_at not in available:
+            raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
+                             f"{str(checkpoint_dir)!r} (it holds {available})")
     settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
                          eval_data, param_mask, run, auto, precision, calibrate_at)
-    store = None if results_path is None else ResultsStore(results_path, settings)
-    done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
-    todo = [s for s in wanted if s not in done]
-
-    if todo and template is None:
-        template = infer_template(checkpoint_dir, todo[0], item, select)
     estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
-                    param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto,
-                    precision=precision, progress=False)
-    if todo and calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
-        step_size = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item, select,
-                                    sampler, estimate, progress)
+                    param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto, precision=precision,
+                    progress=False)
+    chosen, results = {"step_size": step_size}, {}
 
-    def measure(step, params):
-        result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=step_size, **estimate)
-        where = None if not calibrated else (step if calibrate_at == "each" else calibrate_at)
-        return llc_row(step, result, localization, where)
+    def before(template):
+        if calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
+            chosen["step_size"] = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item,
+                                                  select, sampler, estimate, progress)
 
-    rows = run_checkpoints(checkpoint_dir, wanted, done, measure, template=template, item=item, select=select,
-                           prefetch=prefetch, progress=progress, store=store, on_row=on_row)
-    ordered = tuple(_from_store(rows[s]) for s in wanted)
-    return LLCCurve(rows=ordered, settings=settings)
+    def compute(step, params):
+        result = estimate_llc(loss_fn, params, data, jax.random.fold_in(key, step), step_size=chosen["step_size"],
+                              **estimate)
+        results[step] = result
+        return llc_row(step, result, localization,
+                       None if not calibrated else (step if calibrate_at == "each" else calibrate_at))
 
-
-def plan_steps(checkpoint_dir, steps, calibrate_at="each") -> list[int]:
-    """The checkpoint steps to measure (``steps``, default all finished ones), checked against the
-    directory; ``calibrate_at`` (a step, or ``"each"``) must be one of its checkpoints."""
-    available = list_steps(checkpoint_dir)
-    wanted = available if steps is None else sorted({int(s) for s in steps})
-    absent = [s for s in wanted if s not in available]
-    if absent:
-        raise ValueError(f"steps {absent} are not finished checkpoints in {str(checkpoint_dir)!r} "
-                         f"(it holds {available})")
-    if not wanted:
-        raise ValueError("steps is empty")
-    if calibrate_at != "each" and calibrate_at not in available:
-        raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
-                         f"{str(checkpoint_dir)!r} (it holds {available})")
-    return wanted
-
-
-def run_checkpoints(checkpoint_dir, wanted, done: dict, measure: Callable[[int, Any], dict], *, template, item,
-                    select, prefetch, progress, store, on_row) -> dict:
-    """Rows for every step of ``wanted``: those in ``done`` as they are, the others ``measure(step,
-    params)``-ed one checkpoint at a time (the next restored while the current one samples), each
-    written to ``store`` and passed to ``on_row`` as soon as it is computed."""
-    rows = dict(done)
-    todo = [s for s in wanted if s not in done]
-    if not todo:
-        return rows
-    trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item, select=select, steps=todo,
-                                      prefetch=prefetch)
-    with tqdm(total=len(wanted), initial=len(done), disable=None if progress else True,
-              desc="checkpoints", unit="ckpt") as bar:
-        for step, params in trajectory:
-            bar.set_postfix_str(f"step {step}")
-            row = measure(step, params)
-            if store is not None:
-                store.write(step, row)
-            rows[step] = row
-            if on_row is not None:
-                on_row(row)
-            bar.set_postfix_str(f"step {step}: λ̂ = {row['llc_mean']:.3g}")
-            bar.update(1)
-    return rows
+    rows = checkpoint_rows(checkpoint_dir, compute, settings=settings, steps=steps, item=item, select=select,
+                           template=template, results_path=results_path, on_row=on_row, prefetch=prefetch,
+                           progress=progress, before=before, describe=lambda row: f"λ̂ = {row['llc_mean']:.3g}")
+    return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings,
+                    results=results or None)
 
 
 def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, select, sampler, estimate, progress):

@@ -34,11 +34,10 @@ from slt_jax.posterior import default_nbeta
 from slt_jax.samplers import get_kernel
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.susceptibility import susceptibilities
-from slt_jax.trajectory.checkpoints import infer_template
+from slt_jax.trajectory.checkpoints import list_steps
 from slt_jax.trajectory.curve import LLCCurve
-from slt_jax.trajectory.llc_trajectory import (DEFAULT_LOCALIZATION_PER_NBETA, _calibrate_once, _from_store, llc_row,
-                                               plan_steps, run_checkpoints)
-from slt_jax.trajectory.store import ResultsStore
+from slt_jax.trajectory.llc_trajectory import DEFAULT_LOCALIZATION_PER_NBETA, _calibrate_once, _from_store, llc_row
+from slt_jax.trajectory.loop import checkpoint_rows
 from slt_jax.tuning.sweep import Calibration
 
 
@@ -107,7 +106,9 @@ def observable_trajectory(
     validation.check_positive("nbeta", nbeta)
     localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
     validation.check_positive("localization", localization, allow_zero=True)
-    wanted = plan_steps(checkpoint_dir, steps, calibrate_at if calibrated else "each")
+    if calibrated and calibrate_at != "each" and calibrate_at not in list_steps(checkpoint_dir):
+        raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
+                         f"{str(checkpoint_dir)!r} (it holds {list_steps(checkpoint_dir)})")
     settings = {
         "checkpoint_dir": str(checkpoint_dir), "item": item,
         "select": None if select is None else getattr(select, "__qualname__", repr(select)),
@@ -127,17 +128,15 @@ def observable_trajectory(
         "auto": settings_lib.to_dict(auto) if calibrated else None,
         "calibrate_at": calibrate_at if calibrated else None,
     }
-    store = None if results_path is None else ResultsStore(results_path, settings)
-    done = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
-    todo = [s for s in wanted if s not in done]
-    if todo and template is None:
-        template = infer_template(checkpoint_dir, todo[0], item, select)
     common = dict(localization=localization, nbeta=nbeta, sampler=sampler, mesh=mesh, devices=devices, run=run,
                   auto=auto, precision=precision, progress=False)
-    if todo and calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
-        estimate = {**common, "eval_data": None, "param_mask": None}
-        step_size = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item, select,
-                                    sampler, estimate, progress)
+    chosen = {"step_size": step_size}
+
+    def before(template):
+        if calibrated and calibrate_at != "each" and not isinstance(step_size, Calibration):
+            estimate = {**common, "eval_data": None, "param_mask": None}
+            chosen["step_size"] = _calibrate_once(checkpoint_dir, loss_fn, data, key, calibrate_at, template, item,
+                                                  select, sampler, estimate, progress)
 
     def measure(step, params):
         step_key = jax.random.fold_in(key, step)
@@ -146,7 +145,7 @@ def observable_trajectory(
         if shifts is not None:
             result = susceptibilities(loss_fn, params, data, step_key, shifts=shifts, components=components,
                                       observable=observable, per_sample_loss=per_sample_loss,
-                                      observe_every=observe_every, step_size=step_size, **common)
+                                      observe_every=observe_every, step_size=chosen["step_size"], **common)
             row = llc_row(step, result.llc[result.components[0]], localization, where)
             for i, c in enumerate(result.components):
                 columns[f"llc/{c}"], columns[f"llc/{c}_se"] = result.llc_mean[i], result.llc_se[i]
@@ -155,13 +154,21 @@ def observable_trajectory(
         if query_data is not None:
             influence = bayesian_influence(loss_fn, params, data, step_key, query_data=query_data,
                                            train_rows=train_rows, per_sample_loss=per_sample_loss,
-                                           observe_every=observe_every, step_size=step_size, **common)
+                                           observe_every=observe_every, step_size=chosen["step_size"], **common)
             if row is None:
                 row = llc_row(step, influence.llc, localization, where)
             columns["influence"], columns["influence_se"] = influence.mean_influence, influence.mean_influence_se
             columns["influence_correlation"] = float(np.nanmean(influence.correlation))
         return {**row, **{name: float(value) for name, value in columns.items()}}
 
-    rows = run_checkpoints(checkpoint_dir, wanted, done, measure, template=template, item=item, select=select,
-                           prefetch=prefetch, progress=progress, store=store, on_row=on_row)
-    return LLCCurve(rows=tuple(_from_store(rows[s]) for s in wanted), settings=settings)
+    rows = checkpoint_rows(checkpoint_dir, measure, settings=settings, steps=steps, item=item, select=select,
+                           template=template, results_path=results_path, on_row=on_row, prefetch=prefetch,
+                           progress=progress, before=before, describe=_describe)
+    return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings)
+
+
+def _describe(row) -> str:
+    """The progress bar's note after a step: λ̂ and the first susceptibility or the influence."""
+    chi = next((k for k in row if k.startswith("chi/") and not k.endswith("_se")), None)
+    extra = f", χ = {row[chi]:.3g}" if chi else f", BIF = {row['influence']:.3g}" if "influence" in row else ""
+    return f"λ̂ = {row['llc_mean']:.3g}{extra}"

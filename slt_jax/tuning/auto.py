@@ -11,6 +11,7 @@ were taken at, and the record of every decision (docs/calibration.md).
 """
 
 import dataclasses
+import time
 import warnings
 
 import numpy as np
@@ -73,8 +74,10 @@ def sample_calibrated(problem, kernel, run: RunSettings, auto: AutoSettings, key
         return per, (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
 
     laplace, plateau = None, None
+    started = time.perf_counter()
     if auto.max_plateau_extension is not None and problem.mask is None and problem.eval_data is None:
         laplace, plateau = plateau_check(problem, auto, keys.stream(key, keys.LAPLACE))
+    laplace_seconds, started = time.perf_counter() - started, time.perf_counter()
     checked = run_with_step_checks(
         key, config, inputs, llc_of, step_size=step_size, schedule=schedule, problem=problem,
         max_step_reductions=auto.max_step_reductions, num_chains=run.num_chains, num_burnin=num_burnin,
@@ -86,7 +89,8 @@ def sample_calibrated(problem, kernel, run: RunSettings, auto: AutoSettings, key
                      "planned_steps": checked.planned_steps, "extensions": checked.extensions,
                      "max_extension": auto.max_extension, "max_plateau_extension": auto.max_plateau_extension,
                      "laplace": laplace, "plateau": checked.plateau, "still_at_plateau": last.still_at_plateau,
-                     "stiffness": checked.checks}
+                     "stiffness": checked.checks, "laplace_seconds": laplace_seconds,
+                     "seconds": time.perf_counter() - started}
     message = equilibration_warning(last, laplace=laplace, planned=checked.planned_steps,
                                     step_size=checked.step_size, max_extension=auto.max_extension,
                                     max_plateau_extension=auto.max_plateau_extension)

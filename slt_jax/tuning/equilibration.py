@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
+from slt_jax.estimators.llc import halves_trend
 from slt_jax.runner.chain import ChainInputs, Draws, RunConfig
 from slt_jax.runner.chains import plan_chunks, run_chains
 
@@ -57,20 +58,10 @@ def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
         half = rest.shape[1] // 2
         if half < 4:
             break
-        first, second = rest[:, :half], rest[:, half:]
-        paired = second.mean(axis=1) - first.mean(axis=1)
-        if paired.size > 1:
-            se = float(np.std(paired, ddof=1) / math.sqrt(paired.size))
-        else:
-            se = math.hypot(_spread_se(first), _spread_se(second))
-        if abs(paired.mean()) + z * se <= rtol * abs(rest.mean()):
+        difference, se = halves_trend(rest)
+        if abs(difference) + z * se <= rtol * abs(rest.mean()):
             return float(f * times[-1])
     return None
-
-
-def _spread_se(draws) -> float:
-    """Standard error of one chain's mean from its draws' spread, ignoring autocorrelation."""
-    return float(np.std(draws, ddof=1) / math.sqrt(draws.size))
 
 
 class Equilibrated(NamedTuple):

@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 from slt_jax import masks, validation
 from slt_jax.curvature import curvatures, normal_like, probe_batch
+from slt_jax.samplers.base import SGLD_STABILITY, Stability
 
 # Radii tried, log-spaced over nine decades, for the typical posterior point.
 _RADII = 64
@@ -39,17 +40,19 @@ def _typical_pair(loss_fn, batch, center, direction, radii, nbeta, dim):
     return jax.tree.map(lambda c, z: jnp.stack([c, c + radius * z]), center, direction)
 
 
-def stable_step(step_size: float, stiffness: float, *, nbeta, localization, factor: float = 2.0) -> float:
-    """``step_size`` divided by ``factor`` until it is at most the grid's top rule
-    ``1/(nβ·h + γ)`` for the stiffness h (itself if it already is)."""
-    limit = 1.0 / (nbeta * stiffness + localization)
+def stable_step(step_size: float, stiffness: float, *, nbeta, localization, factor: float = 2.0,
+                limit: float | None = None) -> float:
+    """``step_size`` divided by ``factor`` until it is at most the grid's top rule for the
+    stiffness h: ``1/(nβ·h + γ)`` (SGLD), or ``limit`` itself where given — a kernel's own rule
+    (:meth:`slt_jax.samplers.base.Stability.stable_step`). Itself if it already is."""
+    limit = 1.0 / (nbeta * stiffness + localization) if limit is None else limit
     while step_size > limit:
         step_size /= factor
     return step_size
 
 
 def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param_mask=None,
-                       num_points: int = 4, factor: float = 2.0) -> np.ndarray:
+                       num_points: int = 4, factor: float = 2.0, stability: Stability = SGLD_STABILITY) -> np.ndarray:
     """A geometric grid of step sizes below the posterior's stiffness scale.
 
     For the localized posterior the SGLD step is linearly stable for ε < 4/(nβ·h + γ), h the
@@ -68,6 +71,7 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
       param_mask: as in :func:`slt_jax.estimate_llc`.
       num_points: grid size.
       factor: ratio between neighbouring step sizes (> 1).
+      stability: the kernel's :class:`~slt_jax.samplers.base.Stability` (default SGLD's).
 
     Returns:
       Step sizes, increasing, shape ``(num_points,)``.
@@ -88,9 +92,11 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
     radii = jnp.logspace(math.log10(top) - 9, math.log10(top), _RADII, dtype=flat.dtype)
     probe = normal_like(key_power, params)
     both = _typical_pair(loss_fn, batch, params, direction, radii, nbeta, dim)
-    h = float(jnp.max(curvatures(loss_fn, batch, both, probe, mask)))
+    scales = jax.tree.map(lambda m: jnp.stack([m, m]), mask)
+    h = float(jnp.max(curvatures(loss_fn, batch, both, probe, scales)))
     if not np.isfinite(h):
         raise ValueError("loss_fn has a non-finite Hessian near params: cannot place a step-size grid; "
                          "pass step_sizes explicitly")
-    top_step = 1.0 / (nbeta * h + localization)
+    g = stability.start_preconditioner
+    top_step = stability.stable_step(g * h, nbeta=nbeta, localization=localization)
     return top_step * factor ** -np.arange(num_points)[::-1].astype(float)

@@ -11,9 +11,11 @@ are when a run ends, and continues the same chains at a halved step until it hol
 +1.2 %).
 """
 
+import time
 import warnings
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,8 +26,53 @@ from slt_jax.runner.chain import ChainInputs, RunConfig
 from slt_jax.tuning.equilibration import Equilibrated, run_until_equilibrated
 from slt_jax.tuning.grid import stable_step
 
-# The check applies to the kernels whose step size is ε itself (no preconditioner).
-STEP_CHECKED_KERNELS = ("sgld", "sgld_rademacher")
+
+
+def stable_step_at_chains(problem, kernel, kernel_state, healthy, key, *, max_chains: int | None = None) -> dict:
+    """The kernel's rule ``ε ≤ limit/(4·(nβ·h + γ·G_max))`` where the chains are.
+
+    h is the largest eigenvalue of ``G^½·∇²L_B·G^½`` at each chain's position
+    (:func:`~slt_jax.curvature.chain_stiffness`: power iteration on a probe batch of up to 4096
+    rows), G the chain's own preconditioner from its state (RMSProp-SGLD's ``1/(√V + eps)``; 1
+    for SGLD and SGNHT), ``limit`` the kernel's stability limit given its state (SGNHT:
+    ``4 − 2ζ`` with the chain's friction ζ; :class:`~slt_jax.samplers.base.Stability`). The
+    stable step is the smallest over the healthy chains measured.
+
+    Args:
+      problem: the :class:`~slt_jax.problem.Problem`.
+      kernel: the sampler's factory.
+      kernel_state: the chains' kernel state (leading chain axis).
+      healthy: which chains count, ``(chains,)``.
+      key: PRNG key of the probe batch and the power iteration.
+      max_chains: measure at most this many chains (all by default).
+
+    Returns:
+      A record: ``stable_step``, ``stiffness`` (h of the chain that sets it), ``limit`` (its
+      stability limit), ``max_preconditioner`` (its G_max), ``chains_measured`` and ``seconds``.
+    """
+    start = time.perf_counter()
+    stability = kernel.stability
+    num_chains = healthy.shape[0]
+    preconditioner = None if stability.preconditioner is None else stability.preconditioner(kernel_state)
+    h = chain_stiffness(problem.user_loss_fn, kernel_state.position, problem.data, key, param_mask=problem.mask,
+                        preconditioner=preconditioner, max_chains=max_chains)
+    limits = stability.limits(kernel_state, num_chains)
+    if preconditioner is None:
+        g_max = np.ones(num_chains)
+    else:
+        mask = problem.posterior().sampled()
+        g_max = np.max(np.stack([np.max(np.where(np.asarray(m) != 0, np.asarray(g), -np.inf).reshape(num_chains, -1),
+                                        axis=1)
+                                 for g, m in zip(jax.tree.leaves(preconditioner), jax.tree.leaves(mask))]), axis=0)
+    steps = limits / (4.0 * (problem.nbeta * h + problem.localization * g_max))
+    counted = np.flatnonzero(np.asarray(healthy) & np.isfinite(steps))
+    if counted.size == 0:
+        return {"stable_step": None, "stiffness": None, "limit": None, "max_preconditioner": None,
+                "chains_measured": int(np.isfinite(h).sum()), "seconds": time.perf_counter() - start}
+    worst = counted[np.argmin(steps[counted])]
+    return {"stable_step": float(steps[worst]), "stiffness": float(h[worst]), "limit": float(limits[worst]),
+            "max_preconditioner": float(g_max[worst]), "chains_measured": int(np.isfinite(h).sum()),
+            "seconds": time.perf_counter() - start}
 
 
 class StepChecked(NamedTuple):
@@ -39,7 +86,9 @@ class StepChecked(NamedTuple):
       extensions: the doublings over all segments.
       plateau: whether any segment sat on the Laplace plateau.
       checks: one record per check — ``after_steps``, ``step_size``, ``stiffness`` (h),
-        ``limit`` (1/(nβh + γ)), and the segment's ``steps``, ``extensions`` and ``plateau``.
+        ``limit`` (the kernel's rule there, 1/(nβh + γ) for SGLD), ``stability_limit``,
+        ``max_preconditioner``, ``seconds``, and the segment's ``steps``, ``extensions`` and
+        ``plateau``.
     """
 
     run: Equilibrated
@@ -54,12 +103,13 @@ class StepChecked(NamedTuple):
 def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Callable, *, step_size: float,
                          schedule: Callable, problem, max_step_reductions: int, num_chains: int, num_burnin: int,
                          num_draws: int, **equilibrate) -> StepChecked:
-    """:func:`~slt_jax.equilibration.run_until_equilibrated`, then, while ε exceeds the grid's
-    rule ``1/(nβh + γ)`` at the chains' positions (h the largest Hessian eigenvalue of the
-    healthy chains, :func:`~slt_jax.curvature.chain_stiffness`), the same chains continue at ε
-    halved as often as that takes, with the schedule for the new step, their burn-in and draws
-    read afresh (at most ``max_step_reductions`` times; then a ``CalibrationWarning``).
-    Kernels other than :data:`STEP_CHECKED_KERNELS` run once, unchecked.
+    """:func:`~slt_jax.equilibration.run_until_equilibrated`, then, while ε exceeds the kernel's
+    rule at the chains' positions (:func:`stable_step_at_chains`: ``1/(nβh + γ)`` for SGLD, h the
+    largest Hessian eigenvalue of the healthy chains; preconditioned for RMSProp-SGLD, with the
+    thermostat's limit for SGNHT), the same chains continue at ε halved as often as that takes,
+    with the schedule for the new step, their burn-in and draws read afresh (at most
+    ``max_step_reductions`` times; then a ``CalibrationWarning``). Every SGLD-family kernel is
+    checked.
 
     Args:
       key, config, inputs, llc_of: as for ``run_until_equilibrated``; ``inputs.step_size`` is
@@ -77,7 +127,6 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
       A :class:`StepChecked`.
     """
     state, start, checks, segments = None, 0, [], []
-    checked = config.kernel.name in STEP_CHECKED_KERNELS
     while True:
         run = run_until_equilibrated(key, config, inputs, llc_of, num_chains=num_chains, num_burnin=num_burnin,
                                      num_draws=num_draws, state=state, start=start, **equilibrate)
@@ -86,17 +135,20 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
         equilibrate["chunk_size"] = run.chunk_size  # continuations reuse the compiled chunk
         segments.append(run)
         healthy = np.asarray(state.diverged_at) < 0
-        if not checked or not healthy.any():
+        if not healthy.any():
             break
         # Every chain is measured (one program whatever diverged); the healthy ones count.
-        h = float(np.max(chain_stiffness(problem.user_loss_fn, state.kernel_state.position, problem.data,
-                                         keys.stream(key, keys.STIFFNESS, len(checks)),
-                                         param_mask=problem.mask)[healthy]))
-        nbeta, localization = problem.nbeta, problem.localization
-        smaller = stable_step(step_size, h, nbeta=nbeta, localization=localization)
-        checks.append({"after_steps": start, "step_size": step_size, "stiffness": h,
-                       "limit": 1.0 / (nbeta * h + localization), "steps": run.num_steps,
-                       "extensions": run.extensions, "plateau": run.plateau})
+        rule = stable_step_at_chains(problem, config.kernel, state.kernel_state, healthy,
+                                     keys.stream(key, keys.STIFFNESS, len(checks)))
+        if rule["stable_step"] is None:
+            break
+        h = rule["stiffness"]
+        smaller = stable_step(step_size, h, nbeta=problem.nbeta, localization=problem.localization,
+                              limit=rule["stable_step"])
+        checks.append({"after_steps": start, "step_size": step_size, "stiffness": h, "limit": rule["stable_step"],
+                       "stability_limit": rule["limit"], "max_preconditioner": rule["max_preconditioner"],
+                       "seconds": rule["seconds"], "steps": run.num_steps, "extensions": run.extensions,
+                       "plateau": run.plateau})
         if smaller == step_size:
             break
         if len(checks) > max_step_reductions:

@@ -54,6 +54,7 @@ highly singular points λ̂ can sit on a plateau for a while and then climb.
 import dataclasses
 import itertools
 import math
+import time
 import warnings
 
 import jax
@@ -94,7 +95,11 @@ class Calibration:
       choices: one dict per (nβ, γ) setting: ``nbeta``, ``localization``, ``step_size``
         (``None`` if nothing passed), ``reason``, ``total_time`` (T), ``window_start`` (T_b),
         ``equilibration_time`` (when λ̂ stopped trending at the chosen step size, ``None`` if
-        it did not), ``equilibrated`` and ``burnin_time`` (what an estimate should burn in).
+        it did not), ``equilibrated`` and ``burnin_time`` (what an estimate should burn in);
+        and the evidence: ``verified`` (two consecutive steps agreed), the agreeing ``pair``,
+        the pick's extrapolated ``bias`` (``estimate``, ``se``, ``bound``, ``kappa``),
+        ``extensions`` (rounds run after the grid for this setting), ``sweeps`` (each round's
+        step sizes, steps, chain-steps and seconds) and ``unverified_step_size``.
       settings: the sweep's settings (JSON-ready).
     """
 
@@ -125,7 +130,10 @@ class Calibration:
         return found[0]
 
     def recommended(self, nbeta=None, localization=None, *, warn: bool = True) -> float:
-        """The recommended step size; raises :class:`CalibrationError` when none passed.
+        """The recommended step size; raises :class:`CalibrationError` when none passed — also
+        when no two consecutive step sizes agreed within the grid's extensions (unless the sweep
+        ran with ``on_unverified="warn"``: then the smallest stable step, with a
+        :class:`CalibrationWarning` whatever ``warn`` says).
 
         With ``warn`` (default) a choice whose λ̂ still trended at the end of the sweep warns
         (:class:`CalibrationWarning`); ``estimate_llc`` passes ``False``, since it judges
@@ -134,6 +142,9 @@ class Calibration:
         choice = self.choice(nbeta, localization)
         if choice["step_size"] is None:
             raise CalibrationError(f"no step size passed calibration: {choice['reason']}\n{self}")
+        if not choice.get("verified", True):
+            warnings.warn(f"step size {choice['step_size']:.3g} is {choice['reason']}", CalibrationWarning,
+                          stacklevel=2)
         if warn and not choice["equilibrated"]:
             warnings.warn(f"step size {choice['step_size']:.3g}: {choice['reason']}", CalibrationWarning,
                           stacklevel=2)
@@ -242,6 +253,28 @@ def _se(draws) -> float:
     return max(spread, mcse) if np.isfinite(mcse) else spread
 
 
+def _pool(rows) -> dict:
+    """One step size's runs (a grid point and its replicates with new chains) as one group:
+    λ̂ over all their healthy chains, its standard error the larger of the chain spread's and the
+    runs' own (combined), the trend from all chains' half-means."""
+    if len(rows) == 1:
+        return rows[0]
+    means = np.concatenate([r["chain_means"] for r in rows])
+    first = np.concatenate([r["halves"][0] for r in rows])
+    second = np.concatenate([r["halves"][1] for r in rows])
+    own = [r["se"] for r in rows if np.isfinite(r["se"]) and r["se"] > 0]
+    combined = float(1.0 / math.sqrt(sum(1.0 / se**2 for se in own))) if own else float("nan")
+    spread = lambda x: float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    rates = [(r["mala"], r["chain_means"].size) for r in rows if np.isfinite(r["mala"])]
+    health = [r["health"] for r in rows if r["health"]]
+    if means.size == 0:
+        return {**rows[0], "diverged": sum(r["diverged"] for r in rows)}
+    return {"mean": float(means.mean()), "se": max(x for x in (spread(means), combined) if np.isfinite(x)),
+            "trend": float(second.mean() - first.mean()), "trend_se": math.hypot(spread(first), spread(second)),
+            "mala": float(sum(m * c for m, c in rates) / sum(c for _, c in rates)) if rates else float("nan"),
+            "diverged": sum(r["diverged"] for r in rows), "health": health[0] if health else None}
+
+
 def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbeta=None, sampler="sgld",
               param_mask=None, mesh=None, devices=None, sweep: SweepSettings | None = None,
               run: RunSettings | None = None, precision: Precision | None = None, progress: bool = True,
@@ -298,9 +331,13 @@ def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbet
 def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, nbetas, localizations,
               step_sizes=None, progress=True) -> Calibration:
     """The sweep of :func:`calibrate` on a prepared :class:`~slt_jax.problem.Problem` (also what
-    ``step_size="auto"`` runs): one chain group per (nβ, γ, ε), one compiled program."""
+    ``step_size="auto"`` runs): one chain group per (nβ, γ, ε), one compiled program; then, for
+    every setting whose pick is not verified by two consecutive agreeing step sizes, one more
+    step size below its smallest per round (equal simulated time: twice the steps at half the
+    step), up to ``sweep.max_grid_extensions`` rounds."""
     n, num_chains, num_steps = problem.n, sweep.num_chains, sweep.num_steps
     key_grid, key_chains, key_mala = jax.random.split(key, 3)
+    started = time.perf_counter()
 
     # Groups: for each (nβ, γ) setting, its step sizes in increasing order.
     setting_pairs = list(itertools.product(nbetas, localizations))
@@ -308,8 +345,10 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     for s, (nb, gamma) in enumerate(setting_pairs):
         grid = step_sizes if step_sizes is not None else default_step_sizes(
             problem.user_loss_fn, problem.params, problem.data, key_grid, nbeta=nb, localization=gamma,
-            param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor)
+            param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor,
+            stability=kernel.stability)
         groups += [(s, float(eps), nb, gamma) for eps in grid]
+    grid_seconds = time.perf_counter() - started
     total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(setting_pairs))]
     window_start = [sweep.burnin_fraction * t for t in total_time]
     shortest = min((total_time[s] - window_start[s]) / eps for s, eps, _, _ in groups)
@@ -320,84 +359,107 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             f"{math.ceil(num_steps * 2 * sweep.min_window_draws / shortest)} or narrow step_sizes")
     steps_per_draw = max(1, int(shortest // sweep.min_window_draws))
 
-    num_groups = len(groups)
-    per_chain = lambda values: np.repeat(np.asarray(values, np.float64), num_chains)
-    thresholds = [problem.divergence_threshold(run, nb) for _, _, nb, _ in groups]
-    sweep_run = dataclasses.replace(run, num_chains=num_groups * num_chains, steps_per_draw=steps_per_draw,
-                                    loss_estimator="control_variate")
-    config, inputs = setup(problem, kernel, sweep_run, per_chain([g[1] for g in groups]),
-                           nbeta=per_chain([g[2] for g in groups]), localization=per_chain([g[3] for g in groups]),
-                           threshold=per_chain(thresholds))
-    state, draws = run_chains(key_chains, config, inputs, num_chains=num_groups * num_chains, num_burnin=0,
-                              num_draws=math.ceil(num_steps / steps_per_draw), chunk_size=run.chunk_size,
-                              progress=progress)
-    llc_all = (np.asarray(draws.batch_loss, np.float64) - np.asarray(draws.center_loss, np.float64))
-    llc_all = llc_all * np.repeat([g[2] for g in groups], num_chains)[:, None]
-    draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
-    diverged_at = np.asarray(state.diverged_at).reshape(num_groups, num_chains)
-
     mala = sweep.mala
     if mala is None:
         mala = n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
     mala = bool(mala) and kernel.name == "sgld"
-    positions = state.kernel_state.position
+    groups_run = _GroupRunner(problem, kernel, run, sweep, window_start, total_time, mala, progress)
+    round_start = time.perf_counter()
+    rows = groups_run(groups, num_steps, steps_per_draw, key_chains, key_mala)
+    sweeps = [{"round": 0, "step_sizes": [g[1] for g in groups], "num_steps": num_steps,
+               "chain_steps": len(groups) * num_chains * num_steps, "seconds": time.perf_counter() - round_start}]
 
-    rows = []
-    for g, (s, eps, nb, gamma) in enumerate(groups):
-        chains = slice(g * num_chains, (g + 1) * num_chains)
-        window = (draw_steps * eps >= window_start[s]) & (draw_steps * eps <= total_time[s])
-        llc = llc_all[chains][:, window]
-        healthy = (diverged_at[g] < 0) & np.all(np.isfinite(llc_all[chains]), axis=1)
-        with np.errstate(all="ignore"):  # diverged chains: inf or NaN, reported as such
-            per_chain_mean = llc.mean(axis=1)
-        row = {"llc_per_chain": per_chain_mean, "diverged": int(np.sum(~healthy)),
-               "window_draws": int(window.sum()), "mean": float("nan"), "se": float("nan"),
-               "trend": float("nan"), "trend_se": float("nan"), "mala": float("nan")}
-        if healthy.any():
-            good = llc[healthy]
-            half = good.shape[1] // 2
-            row.update(mean=float(good.mean()), se=_se(good),
-                       trend=float(good[:, half:].mean() - good[:, :half].mean()),
-                       trend_se=math.hypot(_se(good[:, :half]), _se(good[:, half:])))
-            if mala:
-                chain_positions = jax.tree.map(lambda x: x[chains], positions)
-                posterior = problem.posterior(nb, gamma)
-                # One block of n rows: within the n·d budget, and a much smaller program. Every
-                # chain of the group is checked (one program for any number of diverged ones);
-                # only the healthy ones count.
-                rates = mala_acceptance(problem.loss_fn, problem.data, posterior, chain_positions,
-                                        jax.random.fold_in(key_mala, g), step_size=eps, num_steps=16,
-                                        batch_size=n)
-                row["mala"] = float(np.mean(rates[healthy]))
-        rows.append(row)
+    def verdict(s):
+        """The rule on setting ``s``, every step size's runs (a grid point and its replicates)
+        pooled chain by chain: ``(steps, pooled rows, choice)``."""
+        steps = sorted({groups[g][1] for g in range(len(groups)) if groups[g][0] == s})
+        pooled = [_pool([rows[g] for g in range(len(groups)) if groups[g][0] == s and groups[g][1] == eps])
+                  for eps in steps]
+        column = lambda name: [r[name] for r in pooled]
+        return steps, pooled, choose_step_size(
+            steps, column("mean"), column("se"), trend=column("trend"), trend_se=column("trend_se"),
+            mala_acceptance=column("mala"), diverged=column("diverged"), unhealthy=column("health"),
+            rtol=sweep.rtol, z=sweep.z, check_z=sweep.check_z, min_mala_acceptance=sweep.min_mala_acceptance)
 
+    # While a setting's pick is unverified, one more round of sweeps at the same simulated time T:
+    # where its smallest stable step and the next one up differ by less than the tolerance and
+    # only their standard error keeps them from agreeing, both are run again with as many new
+    # chains as they have had (their runs are pooled); otherwise — a real difference, or nothing stable above or
+    # at all — the grid extends down by one step, ε_min/f, run for T/ε_min·f steps.
+    extensions = [0] * len(setting_pairs)
+    for k in range(1, sweep.max_grid_extensions + 1):
+        new = []
+        for s in range(len(setting_pairs)):
+            steps, pooled, choice = verdict(s)
+            if choice.verified:
+                continue
+            extensions[s] += 1
+            stable = [i for i, st in enumerate(choice.status) if st == "ok"]
+            nxt = stable[0] + 1 if stable else None
+            # Replicate only where noise is plausibly all that stands in the way — the pair's
+            # difference within half the tolerance — and at most twice per pair; a larger
+            # difference is bias, which more chains would only confirm: go down instead.
+            replicated = sum(1 for w in sweeps[1:] if nxt is not None and nxt < len(steps)
+                             and steps[stable[0]] in w["step_sizes"] and steps[nxt] in w["step_sizes"])
+            noisy = (nxt is not None and nxt < len(steps) and choice.status[nxt] in ("ok", "biased")
+                     and replicated < 2 and abs(pooled[nxt]["mean"] - pooled[stable[0]]["mean"])
+                     <= 0.5 * sweep.rtol * abs(pooled[stable[0]]["mean"]))
+            if noisy:
+                # As many new chains as the pair's smaller step has had so far (at most 4 groups'
+                # worth): the standard error of their difference shrinks by √2 per round or faster.
+                runs = sum(1 for g in groups if g[0] == s and g[1] == steps[stable[0]])
+                added = [steps[stable[0]], steps[nxt]] * min(runs, 4)
+            else:
+                added = [steps[0] / sweep.grid_factor]
+            new += [(s, eps, *setting_pairs[s]) for eps in added]
+        if not new:
+            break
+        # One program per round: every new group runs as long as its smallest step needs (T/ε),
+        # recording at the thinning that gives that step the grid's draw count.
+        longest = max(total_time[g[0]] / g[1] for g in new)
+        spd = max(1, round(steps_per_draw * longest / num_steps))
+        round_start = time.perf_counter()
+        rows += groups_run(new, math.ceil(longest), spd, jax.random.fold_in(key_chains, k),
+                           jax.random.fold_in(key_mala, k))
+        groups += new
+        sweeps.append({"round": k, "step_sizes": [g[1] for g in new], "num_steps": math.ceil(longest),
+                       "chain_steps": len(new) * num_chains * math.ceil(longest),
+                       "seconds": time.perf_counter() - round_start})
+
+    num_groups = len(groups)
     status, reason = [None] * num_groups, [None] * num_groups
     choices = []
     for s, (nb, gamma) in enumerate(setting_pairs):
+        steps_s, _, verdict_s = verdict(s)
         members = [g for g in range(num_groups) if groups[g][0] == s]
-        column = lambda name: [rows[g][name] for g in members]
-        verdict = choose_step_size(
-            [groups[g][1] for g in members], column("mean"), column("se"), trend=column("trend"),
-            trend_se=column("trend_se"), mala_acceptance=column("mala"), diverged=column("diverged"),
-            rtol=sweep.rtol, z=sweep.z, check_z=sweep.check_z,
-            min_mala_acceptance=sweep.min_mala_acceptance)
-        for g, st, why in zip(members, verdict.status, verdict.reason):
-            status[g], reason[g] = st, why
-        choice = {"nbeta": nb, "localization": gamma, "step_size": verdict.step_size, "reason": verdict.why,
+        for g in members:
+            status[g], reason[g] = verdict_s.status[steps_s.index(groups[g][1])], \
+                verdict_s.reason[steps_s.index(groups[g][1])]
+        chosen = verdict_s.step_size
+        why = verdict_s.why
+        if chosen is not None and not verdict_s.verified:
+            budget = (f"after {extensions[s]} extension(s) of the grid down (max_grid_extensions="
+                      f"{sweep.max_grid_extensions})")
+            why = f"unverified: no two consecutive step sizes were stable and agreed {budget}; {why}"
+            if sweep.on_unverified == "raise":
+                chosen = None
+        choice = {"nbeta": nb, "localization": gamma, "step_size": chosen, "reason": why,
+                  "verified": verdict_s.verified, "pair": verdict_s.pair, "bias": verdict_s.bias,
+                  "unverified_step_size": None if verdict_s.verified else verdict_s.step_size,
+                  "extensions": extensions[s], "sweeps": [w for w in sweeps if any(
+                      g[0] == s and g[1] in w["step_sizes"] for g in groups)],
                   "total_time": total_time[s], "window_start": window_start[s], "equilibration_time": None,
                   "equilibrated": False, "burnin_time": window_start[s]}
-        if verdict.step_size is not None:
+        if chosen is not None:
             # The longest-running group that neither diverged nor drifted: its whole run shows
             # when λ̂ settles (a biased group settles at a shifted level, on the same clock).
-            probe = max((g for g, st in zip(members, verdict.status) if st in ("ok", "biased", "skipped")
-                         and groups[g][1] >= verdict.step_size), key=lambda g: groups[g][1])
-            chains = slice(probe * num_chains, (probe + 1) * num_chains)
-            run_time = num_steps * groups[probe][1]
-            settle = equilibration_time(llc_all[chains][diverged_at[probe] < 0], draw_steps * groups[probe][1],
-                                        rtol=sweep.rtol, z=sweep.z)
+            probe = max((g for g in members if status[g] in ("ok", "biased", "skipped") and groups[g][1] >= chosen),
+                        key=lambda g: groups[g][1])
+            run_time = rows[probe]["run_time"]
+            settle = equilibration_time(rows[probe]["trace"], rows[probe]["times"], rtol=sweep.rtol, z=sweep.z)
             choice["equilibration_probe"] = groups[probe][1]
             if settle is None:
-                choice.update(burnin_time=max(window_start[s], run_time), reason=verdict.why + (
+                choice.update(burnin_time=max(window_start[s], run_time), reason=why + (
                     f"; but λ̂ still trends over the longest stable run (step size {groups[probe][1]:.3g}, "
                     f"{run_time:.3g} of simulated time): raise num_steps"))
             else:
@@ -417,5 +479,72 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
         settings={**settings.to_dict(sweep), "mala": mala, "steps_per_draw": steps_per_draw,
                   "batch_size": problem.batch_size, "sampler": kernel.name, "n": n,
                   "num_sampled": problem.num_sampled, "default_grid": step_sizes is None,
-                  "divergence_threshold": run.divergence_threshold, "dtype": str(problem.precision.dtype)},
+                  "divergence_threshold": run.divergence_threshold, "dtype": str(problem.precision.dtype),
+                  "sweeps": sweeps, "grid_seconds": grid_seconds, "seconds": time.perf_counter() - started},
     )
+
+
+class _GroupRunner:
+    """Runs chain groups ``(setting, ε, nβ, γ)`` in one program and summarises each over its
+    setting's window [T_b, T] of simulated time (the sweep and each of its extensions)."""
+
+    def __init__(self, problem, kernel, run, sweep, window_start, total_time, mala, progress):
+        self.problem, self.kernel, self.run, self.sweep = problem, kernel, run, sweep
+        self.window_start, self.total_time, self.mala, self.progress = window_start, total_time, mala, progress
+
+    def __call__(self, groups, num_steps, steps_per_draw, key_chains, key_mala) -> list[dict]:
+        problem, num_chains = self.problem, self.sweep.num_chains
+        num_groups = len(groups)
+        per_chain = lambda values: np.repeat(np.asarray(values, np.float64), num_chains)
+        thresholds = [problem.divergence_threshold(self.run, nb) for _, _, nb, _ in groups]
+        sweep_run = dataclasses.replace(self.run, num_chains=num_groups * num_chains, steps_per_draw=steps_per_draw,
+                                        loss_estimator="control_variate")
+        config, inputs = setup(problem, self.kernel, sweep_run, per_chain([g[1] for g in groups]),
+                               nbeta=per_chain([g[2] for g in groups]),
+                               localization=per_chain([g[3] for g in groups]), threshold=per_chain(thresholds))
+        state, draws = run_chains(key_chains, config, inputs, num_chains=num_groups * num_chains, num_burnin=0,
+                                  num_draws=math.ceil(num_steps / steps_per_draw), chunk_size=self.run.chunk_size,
+                                  progress=self.progress)
+        llc_all = (np.asarray(draws.batch_loss, np.float64) - np.asarray(draws.center_loss, np.float64))
+        llc_all = llc_all * np.repeat([g[2] for g in groups], num_chains)[:, None]
+        draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
+        diverged_at = np.asarray(state.diverged_at).reshape(num_groups, num_chains)
+        positions = state.kernel_state.position
+        health = self.kernel.stability.health
+
+        rows = []
+        for g, (s, eps, nb, gamma) in enumerate(groups):
+            chains = slice(g * num_chains, (g + 1) * num_chains)
+            window = (draw_steps * eps >= self.window_start[s]) & (draw_steps * eps <= self.total_time[s])
+            llc = llc_all[chains][:, window]
+            healthy = (diverged_at[g] < 0) & np.all(np.isfinite(llc_all[chains]), axis=1)
+            with np.errstate(all="ignore"):  # diverged chains: inf or NaN, reported as such
+                per_chain_mean = llc.mean(axis=1)
+            row = {"llc_per_chain": per_chain_mean, "diverged": int(np.sum(~healthy)),
+                   "window_draws": int(window.sum()), "mean": float("nan"), "se": float("nan"),
+                   "trend": float("nan"), "trend_se": float("nan"), "mala": float("nan"), "health": None,
+                   "trace": llc_all[chains][healthy], "times": draw_steps * eps, "run_time": num_steps * eps,
+                   "chain_means": np.zeros(0), "halves": (np.zeros(0), np.zeros(0))}
+            if healthy.any():
+                good = llc[healthy]
+                half = good.shape[1] // 2
+                row.update(mean=float(good.mean()), se=_se(good),
+                           trend=float(good[:, half:].mean() - good[:, :half].mean()),
+                           trend_se=math.hypot(_se(good[:, :half]), _se(good[:, half:])),
+                           chain_means=good.mean(axis=1), halves=(good[:, :half].mean(axis=1),
+                                                                   good[:, half:].mean(axis=1)))
+                if health is not None and draws.info is not None:
+                    info = type(draws.info)(*(np.asarray(x)[chains][healthy][:, window] for x in draws.info))
+                    row["health"] = health(info, self.sweep.rtol, self.sweep.check_z)
+                if self.mala:
+                    chain_positions = jax.tree.map(lambda x: x[chains], positions)
+                    posterior = problem.posterior(nb, gamma)
+                    # One block of n rows: within the n·d budget, and a much smaller program. Every
+                    # chain of the group is checked (one program for any number of diverged ones);
+                    # only the healthy ones count.
+                    rates = mala_acceptance(problem.loss_fn, problem.data, posterior, chain_positions,
+                                            jax.random.fold_in(key_mala, g), step_size=eps, num_steps=16,
+                                            batch_size=problem.n)
+                    row["mala"] = float(np.mean(rates[healthy]))
+            rows.append(row)
+        return rows

@@ -32,5 +32,7 @@ def test_large_datasets_use_two_words_and_stay_in_range():
     n = 3 * ONE_WORD_ROWS
     idx = np.asarray(row_indices(jax.random.key(0), 100_000, n))
     assert idx.min() >= 0 and idx.max() < n and idx.max() > 2 * ONE_WORD_ROWS
-    rows = minibatch(jax.random.key(0), {"x": jnp.arange(10.0)[:, None]}, 5)["x"]
+    batch, idx = minibatch(jax.random.key(0), {"x": jnp.arange(10.0)[:, None]}, 5)
+    rows = batch["x"]
     assert rows.shape == (5, 1) and set(np.asarray(rows).ravel()) <= set(range(10))
+    np.testing.assert_array_equal(np.asarray(rows).ravel(), np.asarray(idx))  # the indices of the rows

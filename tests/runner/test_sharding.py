@@ -125,11 +125,11 @@ def _worker(out_path):
 
     # Stratified minibatch: shard s draws its rows from its own block of 16 rows.
     rows = {"i": jnp.arange(64, dtype=jnp.float32)}
-    draw = jax.shard_map(lambda k, d: sharding.minibatch(k, d, 16, mesh)["i"], mesh=mesh,
+    draw = jax.shard_map(lambda k, d: sharding.minibatch(k, d, 16, mesh)[0]["i"], mesh=mesh,
                          in_specs=(P(), P(sharding.DATA)), out_specs=P(sharding.DATA), check_vma=True)
     out["stratified_rows"] = np.asarray(jax.jit(draw)(jax.random.key(3), rows))
     mean_of = jax.shard_map(
-        lambda ks, d: jax.vmap(lambda k: sharding.global_mean(jnp.mean(sharding.minibatch(k, d, 16, mesh)["i"]),
+        lambda ks, d: jax.vmap(lambda k: sharding.global_mean(jnp.mean(sharding.minibatch(k, d, 16, mesh)[0]["i"]),
                                                               mesh))(ks),
         mesh=mesh, in_specs=(P(), P(sharding.DATA)), out_specs=P(), check_vma=True)
     out["minibatch_means"] = np.asarray(jax.jit(mean_of)(jax.random.split(jax.random.key(4), 4000), rows))

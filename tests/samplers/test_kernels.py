@@ -97,7 +97,10 @@ def test_sgld_stationary_llc_on_a_quadratic_matches_the_finite_step_closed_form(
     loss = lambda w, batch: 0.5 * jnp.sum(h * w["w"] ** 2) + 0.0 * jnp.sum(batch["x"])
     r = slt_jax.estimate_llc(loss, {"w": jnp.zeros(4)}, {"x": jnp.zeros((64, 1))}, jax.random.key(seed),
                              step_size=eps, localization=gamma, nbeta=nbeta, num_chains=8, num_draws=4000,
-                             num_burnin=200, batch_size=8, sampler=sampler, progress=False)
+                             num_burnin=200, batch_size=8, sampler=sampler, progress=False, check_step=False)
+    # check_step=False: ε·(nβh_max + γ) = 1.002 sits on the stability rule on purpose (the
+    # closed form is tested where the step's bias is large); the check's warning is tested in
+    # tests/tuning/test_checks.py.
     assert r.settings["sampler"] == sampler
     assert abs(r.llc_mean - exact) < 4 * r.llc_se, (r.llc_mean, r.llc_se, exact)
     assert abs(exact - 0.5 * float(np.sum(nbeta * h / (nbeta * h + gamma)))) > 8 * r.llc_se  # ε matters
@@ -142,9 +145,13 @@ def test_sgnht_thermostat_absorbs_minibatch_noise_and_holds_the_temperature(seed
     # Per-coordinate variance of the noise in nβ·∇L_B (rows drawn with replacement).
     noise_var = nbeta**2 * float(jnp.mean(jnp.var(data, axis=0))) / batch
     assert step * noise_var / 2 > 4 * diffusion  # the minibatch heat dominates the injected noise
-    r = slt_jax.estimate_llc(noisy_quadratic, jnp.zeros(4), data, jax.random.key(seed), step_size=step,
-                             localization=gamma, nbeta=nbeta, sampler="sgnht", batch_size=batch,
-                             num_chains=8, num_burnin=2000, num_draws=4000, progress=False)
+    # The check after the run warns that most of the friction is minibatch heat: conservative
+    # here, where the noise is isotropic and one scalar ζ cools every direction alike (on a DLN
+    # it was not, and λ̂ read +64 %).
+    with pytest.warns(slt_jax.CalibrationWarning, match="minibatch heat"):
+        r = slt_jax.estimate_llc(noisy_quadratic, jnp.zeros(4), data, jax.random.key(seed), step_size=step,
+                                 localization=gamma, nbeta=nbeta, sampler="sgnht", batch_size=batch,
+                                 num_chains=8, num_burnin=2000, num_draws=4000, progress=False)
     stats = r.sampler_stats
     # ζ integrates (T − 1), so at stationarity the mean kinetic temperature is 1; without the
     # thermostat it would be (2D + εσ²)/(2D) ≈ 6. Tolerance: 3 % for the spread of a mean of

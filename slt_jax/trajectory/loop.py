@@ -1,0 +1,73 @@
+"""The loop every trajectory shares: checkpoints in, one stored row per step out, resumable.
+
+:func:`checkpoint_rows` restores the checkpoints of an Orbax directory one at a time (the next
+one prefetched while the current one computes), hands each step's parameters to a ``compute``
+function, writes each row to a :class:`~slt_jax.trajectory.store.ResultsStore` as soon as it
+exists, skips steps already stored by an earlier run with the same settings, and shows the
+progress as checkpoint i/N, its step and an ETA. ``llc_trajectory``, the per-component refined
+curves and the observable curves are this loop with different ``compute`` functions.
+"""
+
+from collections.abc import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
+from slt_jax.trajectory.store import ResultsStore
+
+
+def wanted_steps(checkpoint_dir, steps: Sequence[int] | None) -> list[int]:
+    """The requested steps (default every finished checkpoint), checked against the directory."""
+    available = list_steps(checkpoint_dir)
+    wanted = available if steps is None else sorted({int(s) for s in steps})
+    absent = [s for s in wanted if s not in available]
+    if absent:
+        raise ValueError(f"steps {absent} are not finished checkpoints in {str(checkpoint_dir)!r} "
+                         f"(it holds {available})")
+    if not wanted:
+        raise ValueError("steps is empty")
+    return wanted
+
+
+def checkpoint_rows(checkpoint_dir, compute: Callable, *, settings: dict, steps: Sequence[int] | None = None,
+                    item=None, select=None, template=None, results_path=None, on_row=None, prefetch=True,
+                    progress=True, before: Callable | None = None, describe: Callable | None = None) -> dict:
+    """One row per checkpoint step, computed or read back from the store.
+
+    Args:
+      checkpoint_dir: an absolute Orbax directory (see :func:`slt_jax.paths.checkpoint_path`).
+      compute: ``compute(step, params) -> row`` (a JSON-ready dict).
+      settings: everything that determines the rows; a store with other settings is refused.
+      steps, item, select, template, results_path, on_row, prefetch, progress: as for
+        :func:`slt_jax.llc_trajectory`.
+      before: called once with the parameter template before the first computed step.
+      describe: ``describe(row) -> str`` for the progress bar after a step.
+
+    Returns:
+      ``{step: row}`` for every wanted step, in step order.
+    """
+    wanted = wanted_steps(checkpoint_dir, steps)
+    store = None if results_path is None else ResultsStore(results_path, settings)
+    rows = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
+    todo = [s for s in wanted if s not in rows]
+    if todo:
+        if template is None:
+            template = infer_template(checkpoint_dir, todo[0], item, select)
+        if before is not None:
+            before(template)
+        trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item, select=select, steps=todo,
+                                          prefetch=prefetch)
+        with tqdm(total=len(wanted), initial=len(rows), disable=None if progress else True, desc="checkpoints",
+                  unit="ckpt") as bar:
+            for step, params in trajectory:
+                bar.set_postfix_str(f"step {step}")
+                row = compute(step, params)
+                if store is not None:
+                    store.write(step, row)
+                rows[step] = row
+                if on_row is not None:
+                    on_row(row)
+                if describe is not None:
+                    bar.set_postfix_str(f"step {step}: {describe(row)}")
+                bar.update(1)
+    return {s: rows[s] for s in wanted}
