@@ -155,9 +155,11 @@ def bayesian_influence(loss_fn, params, data, key, *, query_data, step_size, loc
         padded = np.concatenate([chosen, np.full(block_rows - size, chosen[0])])
         inputs = {"train": jax.tree.map(lambda x: jnp.asarray(x[padded]), host_data), "query": query}
         observed = run_observed(problem, kernel, run, key, step_size=eps, observation=observation, inputs=inputs,
-                                progress=progress)
-        if llc is None:  # every block runs the same chains: one λ̂, one set of healthy chains
-            llc = summarize(problem, observed.sampled._replace(record=record or None), sampler=kernel.name, key=key)
+                                check=llc is None and not record, progress=progress)
+        if llc is None:  # every block runs the same chains: one λ̂, one set of healthy chains, one check
+            sampled = observed.sampled
+            llc = summarize(problem, sampled._replace(record={**(sampled.record or {}), **record} or None),
+                            sampler=kernel.name, key=key)
         m = healthy_moments(llc, observed.sampled.moments)
         pair = estimators.chain_moments(m, "train", "query")
         pair = pair._replace(sum_a=pair.sum_a[:, :size], cross=pair.cross[:, :size], square_a=pair.square_a[:, :size])

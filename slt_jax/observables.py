@@ -228,8 +228,8 @@ class ObservedRun:
 
 
 def run_observed(problem, kernel, run: RunSettings, key, *, step_size, observation: Observation, inputs,
-                 num_chains=None, masks=None, mask_index=None, threshold=None, trace_dir=None,
-                 progress=True) -> ObservedRun:
+                 num_chains=None, masks=None, mask_index=None, threshold=None, trace_dir=None, check=False,
+                 check_chains=slice(None), progress=True) -> ObservedRun:
     """Run ``num_chains`` chains (default ``run.num_chains``) that observe ``observation``.
 
     Args:
@@ -238,6 +238,9 @@ def run_observed(problem, kernel, run: RunSettings, key, *, step_size, observati
       masks, mask_index, threshold: per-chain weight restrictions and divergence bounds
         (:func:`slt_jax.runner.chains.setup`).
       trace_dir: write every draw's values there (:class:`~slt_jax.runner.observation.TraceWriter`).
+      check: check a fixed step after the run where ``check_chains`` ended, as ``estimate_llc``
+        does (:func:`slt_jax.tuning.checks.check_run`; with ``run.check_step``), recorded as
+        ``step_check`` in the sampled record.
       progress: show a progress bar.
     """
     num_chains = run.num_chains if num_chains is None else num_chains
@@ -253,7 +256,16 @@ def run_observed(problem, kernel, run: RunSettings, key, *, step_size, observati
     state, draws = run_chains(key, config, chain_inputs, num_chains=num_chains, num_burnin=run.num_burnin,
                               num_draws=run.num_draws, chunk_size=run.chunk_size, progress=progress, sink=sink)
     center = {name: np.asarray(v, np.float64) for name, v in chain_inputs.observed.center.items()}
-    return ObservedRun(sampled_of(state, draws, step_size, run), center, None if sink is None else dict(sink.paths))
+    sampled = sampled_of(state, draws, step_size, run)
+    if check and run.check_step:
+        from slt_jax.tuning.checks import check_run
+
+        part = lambda tree: jax.tree.map(lambda x: None if x is None else x[check_chains], tree)
+        checked = state._replace(kernel_state=part(state.kernel_state), diverged_at=state.diverged_at[check_chains],
+                                 moments=None)
+        record = check_run(problem, kernel, checked, part(draws), key, step_size=step_size)
+        sampled = sampled._replace(record={"step_check": record})
+    return ObservedRun(sampled, center, None if sink is None else dict(sink.paths))
 
 
 def group_of(sampled: Sampled, chains) -> Sampled:
@@ -397,8 +409,8 @@ def observe(loss_fn, params, data, key, *, observables: dict, step_size, localiz
         raise ValueError(f"trace_dir keeps every draw's values; it does not combine with observe_every={observe_every}")
     observation = Observation(NamedObservables(tuple(functions), tuple(losses)), pairs=pairs, every=int(observe_every))
     observed = run_observed(problem, kernel, run, key, step_size=eps, observation=observation, inputs=inputs,
-                            trace_dir=trace_dir, progress=progress)
-    sampled = observed.sampled._replace(record=record or None)
+                            trace_dir=trace_dir, check=not record, progress=progress)
+    sampled = observed.sampled._replace(record={**(observed.sampled.record or {}), **record} or None)
     llc = summarize(problem, sampled, sampler=kernel.name, key=key)
     m = healthy_moments(llc, sampled.moments)
     shapes = {name: tuple(s.shape) for name, s in observation.shapes(problem.params, inputs).items()}

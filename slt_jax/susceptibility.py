@@ -214,9 +214,11 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
     stacked = jax.tree.map(lambda *m: jnp.stack(m), *masks)
     mask_index = np.repeat(np.arange(len(names)), chains)
     thresholds = np.repeat([_threshold(problem, run, count) for count in counts], chains)
+    # The fixed step is checked where the first component's chains ended (the whole model, by default).
     observed = run_observed(problem, kernel, run, key, step_size=eps, observation=observation, inputs=inputs,
                             num_chains=len(names) * chains, masks=stacked, mask_index=mask_index, threshold=thresholds,
-                            progress=progress)
+                            check=not record, check_chains=slice(0, chains), progress=progress)
+    record = {**(observed.sampled.record or {}), **record}
 
     nbeta = problem.nbeta
     chi = np.empty((len(names), len(entry_shapes)))
