@@ -381,3 +381,92 @@ def linear_gaussian_var_nloss(x, y, *, sigma, center, localization, beta=1.0) ->
     a, gamma = model.curvature, model.localization
     precision = gamma + beta * a
     return float(np.sum(gamma**2 * model.slope_sq / precision**3 + 0.5 * model.num_outputs * a**2 / precision**2))
+
+
+class GaussianLaw(NamedTuple):
+    """A mean and covariance (of the parameters, or of a sampler's stationary law)."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+
+
+def linear_regression_posterior(x, y, *, center, nbeta, localization, step_size=0.0, batch_size=None,
+                                mask=None) -> GaussianLaw:
+    """The localized posterior of ½-squared-error linear regression, or SGLD's stationary law on it.
+
+    With per-sample loss ``ℓ_i(w) = ½(y_i − x_iᵀw)²``, ``H = xᵀx/n`` and ``P = nβ·H + γI`` the
+    posterior ``∝ exp(−nβ·L_n(w) − γ/2·‖w − w*‖²)`` is ``N(μ, P⁻¹)``, ``μ = P⁻¹(nβ·xᵀy/n + γw*)``
+    (docs/mathematics.md §8.4). With a ``mask`` only its coordinates C move (the rest stay at w*):
+    ``μ_C = w*_C + P_CC⁻¹·nβ·(xᵀ(y − x w*)/n)_C`` and covariance ``P_CC⁻¹`` on C.
+
+    With ``step_size`` ε > 0 the covariance is instead that of SGLD's stationary law (§3.3; the
+    mean is unchanged): ``δ' = Aδ − (ε/2)·η + √ε·ξ`` with ``A = I − (ε/2)P_CC`` and η the
+    minibatch noise ``nβ·(∇L_B − ∇L_n)`` of a batch of B rows drawn with replacement, whose
+    covariance at ``w = μ + δ`` is ``(nβ²/B)·Cov_i(x_i r_i(w))``. Averaging it over δ gives,
+    exactly for second moments,
+
+        S = A S Aᵀ + εI + (ε²nβ²/4B)·(C₀ + mean_i x_ix_iᵀ S x_ix_iᵀ − H S H),
+
+    C₀ = Cov_i(x_i r_i(μ)) (population covariance over the rows), solved as one linear system in
+    vec(S). ``batch_size=None`` means full-batch gradients (no η): the discrete Lyapunov equation.
+    The law is Gaussian for full batches; with minibatches its fourth moments differ from a
+    Gaussian's by O((ε²nβ²/B)²).
+
+    Args:
+      x: inputs ``(n, d)``; y: targets ``(n,)``.
+      center: w* ``(d,)``; nbeta: nβ; localization: γ.
+      step_size: ε (0 for the posterior itself).
+      batch_size: SGLD's minibatch rows (with replacement), or ``None`` for full batches.
+      mask: optional boolean ``(d,)``: the sampled coordinates.
+
+    Returns:
+      A :class:`GaussianLaw` ``(mean (d,), cov (d, d))``.
+    """
+    x, y, center = (np.asarray(v, dtype=float) for v in (x, y, center))
+    n, d = x.shape
+    if y.shape != (n,) or center.shape != (d,):
+        raise ValueError(f"x (n, d) = {x.shape} needs y of shape ({n},) and center of shape ({d},), "
+                         f"got {y.shape} and {center.shape}")
+    chosen = np.ones(d, bool) if mask is None else np.asarray(mask, bool)
+    idx = np.flatnonzero(chosen)
+    nbeta, gamma = _positive(nbeta, "nbeta"), _non_negative(localization, "localization")
+    hessian = x.T @ x / n
+    precision = (nbeta * hessian + gamma * np.eye(d))[np.ix_(idx, idx)]
+    mean = center.copy()
+    mean[idx] += np.linalg.solve(precision, nbeta * (x.T @ (y - x @ center) / n)[idx])
+    cov = np.zeros((d, d))
+    k = len(idx)
+    if step_size == 0:
+        cov[np.ix_(idx, idx)] = np.linalg.inv(precision)
+        return GaussianLaw(mean, cov)
+    eps = _positive(step_size, "step_size")
+    xc = x[:, idx]
+    a = np.eye(k) - 0.5 * eps * precision
+    system = np.eye(k * k) - np.kron(a, a)
+    source = eps * np.eye(k)
+    if batch_size is not None:
+        scale = eps**2 * nbeta**2 / (4.0 * _positive(batch_size, "batch_size"))
+        grads = -xc * (y - x @ mean)[:, None]
+        outer = np.einsum("ni,nj->nij", xc, xc)
+        fourth = np.einsum("nij,nkl->ikjl", outer, outer).reshape(k * k, k * k) / n
+        h = xc.T @ xc / n
+        system -= scale * (fourth - np.kron(h, h))
+        source = source + scale * np.cov(grads.T, bias=True).reshape(k, k)
+    cov[np.ix_(idx, idx)] = np.linalg.solve(system, source.reshape(-1)).reshape(k, k)
+    return GaussianLaw(mean, 0.5 * (cov + cov.T))
+
+
+def squared_residual_covariance(x_a, y_a, x_b, y_b, law: GaussianLaw) -> np.ndarray:
+    """``Cov(½r_a², ½r_b²)`` for residuals ``r = y − xᵀw`` under ``w ~ N(law.mean, law.cov)``.
+
+    With residual means ``m = y − xᵀμ`` and covariances ``s_ab = x_aᵀ Σ x_b``,
+    ``Cov(½r_a², ½r_b²) = ½·s_ab² + m_a·m_b·s_ab`` (Isserlis; docs/mathematics.md §8.4): the
+    Bayesian influence of linear regression is its negative.
+
+    Returns:
+      ``(rows of a, rows of b)``.
+    """
+    x_a, y_a, x_b, y_b = (np.asarray(v, dtype=float) for v in (x_a, y_a, x_b, y_b))
+    m_a, m_b = y_a - x_a @ law.mean, y_b - x_b @ law.mean
+    s = x_a @ law.cov @ x_b.T
+    return 0.5 * s**2 + m_a[:, None] * m_b[None, :] * s

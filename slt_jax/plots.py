@@ -72,6 +72,64 @@ def plot_llc_curve(
     return _finish(fig, path)
 
 
+def plot_curve_panels(steps, panels, *, loss=None, boundaries=None, path=None, title=None) -> Figure:
+    """Curves over training, one panel each with a ±2·s.e. band, the loss above them.
+
+    Each panel is drawn over the steps where its values (and standard errors) are finite — a
+    susceptibility or other observable (docs/mathematics.md §8) next to λ̂, say.
+
+    Args:
+      steps: checkpoint steps, shape ``(n,)``.
+      panels: ``(label, values, se)`` triples: an axis label (``None`` for λ̂'s), values of shape
+        ``(n,)`` and their standard errors (``None`` for no band).
+      loss: optional loss at each checkpoint, drawn in a top panel (log-y when positive).
+      boundaries: optional stage boundaries in steps, drawn in every panel.
+      path: optional PNG path to write.
+      title: optional figure title.
+
+    Returns:
+      The ``Figure``.
+
+    Raises:
+      ValueError: naming the offending argument.
+    """
+    steps = _curve("steps", steps)
+    loss = None if loss is None else _curve("loss", loss, steps.size)
+    boundaries = np.empty(0) if boundaries is None else _curve("boundaries", boundaries)
+    if not panels:
+        raise ValueError("panels is empty: give at least one (label, values, se) triple")
+    fig = _figure(len(panels) + (loss is not None), height_per_panel=2.2)
+    axes = fig.axes
+    if loss is not None:
+        axes[0].plot(steps, loss, color="C1")
+        axes[0].set_ylabel("loss")
+        if np.all(loss > 0):
+            axes[0].set_yscale("log")
+    for k, (ax, (label, values, se)) in enumerate(zip(axes[loss is not None:], panels)):
+        values = np.asarray(values, dtype=float)
+        if values.shape != steps.shape:
+            raise ValueError(f"panels[{k}] has {values.shape} values for {steps.size} steps")
+        se = np.zeros_like(values) if se is None else np.asarray(se, dtype=float)
+        keep = np.isfinite(values) & np.isfinite(se)
+        color = f"C{k}" if k else "C0"
+        ax.plot(steps[keep], values[keep], color=color)
+        ax.fill_between(steps[keep], values[keep] - 2 * se[keep], values[keep] + 2 * se[keep], color=color,
+                        alpha=0.25, label="± 2 s.e." if k == 0 else None)
+        ax.set_ylabel(_LLC_LABEL if label is None else label)
+    for panel in axes:
+        _step_axis(panel, steps)
+        for k, boundary in enumerate(boundaries):
+            panel.axvline(boundary, color="0.4", linestyle="--", linewidth=0.8,
+                          label="stage boundary" if k == 0 and panel is axes[-1] else None)
+    axes[-1].set_xlabel("step")
+    for panel in axes:
+        if panel.get_legend_handles_labels()[1]:
+            panel.legend(loc="best", fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
 def plot_early_warning(
     steps, values, early_warning_result: EarlyWarning, *, log_steps=False, path=None
 ) -> Figure:

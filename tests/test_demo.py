@@ -64,6 +64,9 @@ def test_outputs_are_written(demo):
     for kind in ("plot", "early_warning"):
         assert paths[kind].read_bytes()[:4] == b"\x89PNG"
     assert len(paths["csv"].read_text().splitlines()) == len(demo["curve"].rows) + 1
+    # The susceptibility toward the teacher's second mode rides on the same chains: one per row.
+    chi = demo["curve"].column(dln_trajectory.CHI_COLUMN)
+    assert np.all(np.isfinite(chi)) and np.all(demo["curve"].column(dln_trajectory.CHI_COLUMN + "_se") > 0)
 
 
 @pytest.mark.slow

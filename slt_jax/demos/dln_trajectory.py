@@ -12,6 +12,11 @@ smooth point of the fibre {W₃W₂W₁ = B}, where the local λ equals Aoyagi's
 Training is full-batch gradient descent on the same n samples the LLC is measured on,
 computed from their second moments (the loss of a linear model is a quadratic form in
 them), which makes 100,000 steps take a few seconds.
+
+The same chains also measure a susceptibility (arXiv:2504.18274; docs/mathematics.md §8.2):
+χ = d/dh E_h[L_n] = −nβ·Cov(L_n, L_q − L_n) for data moved toward the teacher's second mode
+(inputs along its second input direction, teacher outputs) — how the posterior's loss responds
+to more weight on the pattern the network learns last. It is drawn as a third panel under λ̂.
 """
 
 import math
@@ -26,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss
-from slt_jax.trajectory.llc_trajectory import llc_trajectory
+from slt_jax.trajectory.observable_trajectory import observable_trajectory
 
 WIDTHS = (5, 2, 2, 5)
 SINGULAR_VALUES = (18.0, 3.0)
@@ -41,6 +46,12 @@ NUM_SAMPLES = 10_000
 # the end (nβ·h ≈ 4700 ≫ γ) loses a few per cent of its share of λ̂.
 SAMPLER = dict(step_size=5e-7, localization=300.0, num_chains=8, num_burnin=2000,
                num_draws=1500, batch_size=100)
+SHIFT = "teacher mode 2"
+SHIFT_ROWS = 64
+# Successive draws 5 steps apart are nearly identical at this step size (the weakest direction
+# relaxes in ≈ 850 steps): χ is measured on every 5th draw, at a fifth of its cost.
+OBSERVE_EVERY = 5
+CHI_COLUMN = f"chi/model/{SHIFT}"
 
 
 def teacher(key, widths=WIDTHS, singular_values=SINGULAR_VALUES):
@@ -65,6 +76,29 @@ def teacher(key, widths=WIDTHS, singular_values=SINGULAR_VALUES):
     scale = np.asarray(singular_values, np.float64) ** (1.0 / depth)
     return [jnp.asarray((q_out * scale) @ q_in.T, jnp.float32)
             for q_in, q_out in zip(frames, frames[1:])]
+
+
+def mode_data(key, layers, mode: int, num_rows: int = SHIFT_ROWS, scale: float = 1.0):
+    """Rows along one mode of the teacher: inputs ``z·v`` (v its ``mode``-th input singular
+    direction, z ~ N(0, scale²)) with the teacher's noise-free outputs.
+
+    Args:
+      key: PRNG key.
+      layers: the teacher ``[W_1, …, W_L]``.
+      mode: which singular direction (0 = the strongest).
+      num_rows: rows of the dataset.
+      scale: standard deviation of z.
+
+    Returns:
+      ``{"x": (rows, H_0), "y": (rows, H_L)}`` float32.
+    """
+    product = np.asarray(layers[0], np.float64)
+    for w in layers[1:]:
+        product = np.asarray(w, np.float64) @ product
+    direction = np.linalg.svd(product)[2][mode]
+    z = scale * np.asarray(jax.random.normal(key, (num_rows, 1)), np.float64)
+    x = z * direction
+    return {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(x @ product.T, jnp.float32)}
 
 
 def checkpoint_steps(num_steps: int, num_log: int, num_linear: int) -> list[int]:
@@ -172,15 +206,18 @@ def run(out_dir, *, seed: int = 0, num_steps: int = NUM_STEPS, num_log: int = 30
       progress: show progress bars.
 
     Returns:
-      A dict with the ``curve``, ``stages``, ``drops`` (training steps of the loss drops),
-      ``lambda`` (Aoyagi's λ), ``losses`` (per training step), file paths and wall times.
+      A dict with the ``curve`` (with the susceptibility column ``CHI_COLUMN``), ``stages``,
+      ``drops`` (training steps of the loss drops), ``lambda`` (Aoyagi's λ), ``losses`` (per
+      training step), file paths and wall times.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = out / "checkpoints"
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     key_teacher, key_data, key_init, key_sample = jax.random.split(jax.random.key(seed), 4)
-    data = dln_data(key_data, teacher(key_teacher), n)
+    layers = teacher(key_teacher)
+    data = dln_data(key_data, layers, n)
+    shift = mode_data(jax.random.fold_in(key_data, 1), layers, mode=1)
     steps = checkpoint_steps(num_steps, num_log, num_linear)
 
     start = time.perf_counter()
@@ -190,8 +227,9 @@ def run(out_dir, *, seed: int = 0, num_steps: int = NUM_STEPS, num_log: int = 30
     drops = loss_drops(losses, [*(0.5 * residuals), 0.0])
 
     start = time.perf_counter()
-    curve = llc_trajectory(checkpoint_dir, dln_loss, data, key_sample, progress=progress,
-                           **{**SAMPLER, **(sampler or {})})
+    # One run per checkpoint gives λ̂ and the susceptibility: the observables ride on the chains.
+    curve = observable_trajectory(checkpoint_dir, dln_loss, data, key_sample, shifts={SHIFT: shift},
+                                  observe_every=OBSERVE_EVERY, progress=progress, **{**SAMPLER, **(sampler or {})})
     sample_time = time.perf_counter() - start
     stages = curve.stages(smoothing=smoothing)
     lam, multiplicity = dln_learning_coefficient(WIDTHS, len(SINGULAR_VALUES))
@@ -199,6 +237,9 @@ def run(out_dir, *, seed: int = 0, num_steps: int = NUM_STEPS, num_log: int = 30
     title = f"DLN {WIDTHS}, teacher σ = {SINGULAR_VALUES}: Aoyagi λ = {float(lam):g}"
     paths = curve.write(out, stages=stages, loss=losses[curve.steps], events=drops, seed=seed,
                         title=title)
+    if "plot" in paths:  # the same figure with the susceptibility panel under λ̂
+        curve.plot_panels([(CHI_COLUMN, "χ toward\nteacher mode 2")], paths["plot"], stages=stages,
+                          loss=losses[curve.steps], events=drops, title=title)
     return {"curve": curve, "stages": stages, "drops": drops, "lambda": float(lam),
             "multiplicity": multiplicity, "losses": losses, "paths": paths,
             "train_time": train_time, "sample_time": sample_time}
@@ -208,11 +249,11 @@ def report(out: dict) -> str:
     """A table of the curve, the stages and the final λ̂ next to Aoyagi's λ."""
     curve, stages = out["curve"], out["stages"]
     losses = out["losses"]
-    lines = [f"{'step':>7} {'train loss':>11} {'λ̂':>8} {'± se':>6}  stage"]
+    lines = [f"{'step':>7} {'train loss':>11} {'λ̂':>8} {'± se':>6} {'χ (mode 2)':>11} {'± se':>7}  stage"]
     for row in curve.rows:
         stage = "flagged" if row["flagged"] else str(stages.stage_of(row["step"]))
         lines.append(f"{row['step']:>7d} {losses[row['step']]:>11.4g} {row['llc_mean']:>8.3f} "
-                     f"{row['llc_se']:>6.3f}  {stage}")
+                     f"{row['llc_se']:>6.3f} {row[CHI_COLUMN]:>11.4g} {row[CHI_COLUMN + '_se']:>7.2g}  {stage}")
     final = curve.rows[-1]
     rel = final["llc_mean"] / out["lambda"] - 1
     boundaries = ", ".join(f"{b:.0f}" for b in stages.boundaries)

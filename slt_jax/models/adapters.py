@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from slt_jax.models.transformer import next_token_loss
+from slt_jax.models.transformer import next_token_loss, next_token_losses
 
 
 def mse(pred, target):
@@ -109,6 +109,30 @@ def from_nnx(module: nnx.Module, loss="mse", *, inputs="x", targets="y"):
         return batch_loss(nnx.merge(graphdef, params, rest), batch)
 
     return loss_fn, nnx.to_pure_dict(state)
+
+
+def per_token_loss(module: nnx.Module) -> Callable:
+    """Per-token next-token losses of a language model, for per-token observables.
+
+    ``fn(params, batch) -> (B, T − 1)`` float32 cross-entropies in nats
+    (:func:`slt_jax.models.transformer.next_token_losses`) with the parameters of
+    ``from_nnx(module, loss="next_token")``: the ``per_sample_loss`` of
+    :func:`slt_jax.susceptibilities` (per-token probe sets and attribution scores) and of
+    :func:`slt_jax.bayesian_influence` (per-token queries). No loss mask is applied: on an
+    unmasked batch the mean of the entries is the ``next_token`` loss.
+    """
+    module.eval()
+    graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+
+    def fn(p, batch):
+        if not isinstance(batch, dict) or "tokens" not in batch:
+            kind = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"per_token_loss takes batches {{'tokens': (B, T) ids}}, got {kind}")
+        params = jax.tree.map(lambda x: x, state)
+        nnx.replace_by_pure_dict(params, p)
+        return next_token_losses(nnx.merge(graphdef, params, rest)(batch["tokens"]), batch["tokens"])
+
+    return fn
 
 
 def from_linen(module, variables, loss="mse", *, inputs="x", targets="y", method=None):

@@ -16,7 +16,7 @@ from slt_jax.data.batches import full_batch_loss
 from slt_jax.posterior import LocalPosterior
 from slt_jax.runner import sharding
 from slt_jax.runner.divergence import Divergence
-from slt_jax.runner.observation import Observation, Observed, accumulate, values_at
+from slt_jax.runner.observation import Observation, Observed, observe_draw
 from slt_jax.samplers.base import KernelFactory
 
 PyTree = Any
@@ -185,8 +185,10 @@ class Chain(NamedTuple):
                                                        self.eval_data, self.center_losses)
                     observed = None
                     if observe is not None:
-                        observed = values_at(observe, position, self.observed)
-                        moments = accumulate(moments, observe, observed)
+                        # The draw's own loss record relative to w*, for observables built on it.
+                        own = batch_loss - (self.divergence.ref_loss if center_loss is None else center_loss)
+                        moments, observed = observe_draw(observe, moments, position, self.observed, key, own,
+                                                         (t - num_burnin) // spd)
                     record = Draws(batch_loss, center_loss, posterior.sq_distance(position), info,
                                    observed if observe is not None and observe.record else None)
                     return moments, record

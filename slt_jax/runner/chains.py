@@ -7,7 +7,7 @@ settings — not on how many chains run beside it, nor on how the run is chunked
 """
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
         mask_index = jnp.asarray(mask_index, jnp.int32)
     observed = None
     if observation is not None:
-        at_center = jax.jit(observation.fn)(problem.params, observed_inputs)
+        at_center = _jitted(observation)(problem.params, observed_inputs, jax.random.key(0))
         observed = Observed(observed_inputs, {name: jnp.ravel(v) for name, v in at_center.items()})
     inputs = ChainInputs(
         step_size=jnp.asarray(step_size, dtype),
@@ -72,6 +72,13 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
     return config, inputs
 
 
+@lru_cache(maxsize=16)
+def _jitted(observation: Observation):
+    """One compiled program per observation (equal observations hash alike): a trajectory's
+    checkpoints evaluate the observables at w* without tracing them again."""
+    return jax.jit(observation)
+
+
 @partial(jax.jit, static_argnames=("config", "num_chains"))
 def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> ChainState:
     """Every chain starts at w* (the kernel's own initial state around it), with empty moments."""
@@ -79,7 +86,7 @@ def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> Chai
     kernel_state = jax.vmap(init, in_axes=(CHAIN_AXES,))(inputs)
     moments = None
     if config.observe is not None:
-        shapes = jax.eval_shape(config.observe.fn, inputs.posterior.center, inputs.observed.inputs)
+        shapes = config.observe.shapes(inputs.posterior.center, inputs.observed.inputs)
         dtype = jax.tree.leaves(inputs.posterior.center)[0].dtype
         one = zero_moments(config.observe, shapes, dtype)
         moments = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains, *x.shape)), one)
@@ -124,7 +131,7 @@ def plan_chunks(total: int, chunk_size: int | None = None):
 
 
 def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_burnin, num_draws, chunk_size=None,
-               progress=True, state: ChainState | None = None, start: int = 0):
+               progress=True, state: ChainState | None = None, start: int = 0, sink=None):
     """Run ``num_chains`` chains: ``num_burnin`` steps, then ``num_draws`` recorded draws.
 
     Args:
@@ -141,6 +148,10 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
         at global step ``start`` — the steps it has run — instead of starting them at w*.
         Step t draws from ``fold_in(chain_key, t)`` whatever the split, so a run continued
         in pieces is the same run as one made whole.
+      sink: called on the host with each chunk's :class:`~slt_jax.runner.chain.Draws` (real
+        chains, draw steps only), in order; what it returns is kept instead — e.g. the draws
+        without their observed values once written to disk
+        (:class:`~slt_jax.runner.observation.TraceWriter`), so traces never pile up in memory.
 
     The chains are split over ``config.mesh``'s ``"chains"`` axis (padded to a multiple of
     it; padding chains run and are dropped) and the chain state buffers are donated from
@@ -185,7 +196,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
                 state, record = _advance(config, inputs, size, keys, state, jnp.int32(start + i * size),
                                          jnp.int32(start + num_burnin), jnp.int32(start + total_steps))
             if pending is not None:
-                records.append(fetch(*pending))
+                fetched = fetch(*pending)
+                records.append(fetched if sink is None else sink(fetched))
                 bar.update(min(size, total_steps - pending[0] * size))
             pending = (i, record) if i < count else None
     draws = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *records)

@@ -63,10 +63,23 @@ class LLCCurve:
 
     def column(self, name: str) -> np.ndarray:
         """One column as a float array (NaN where a value is missing)."""
-        if name not in COLUMNS:
-            raise ValueError(f"column {name!r} is not one of {COLUMNS}")
+        if name not in self.columns:
+            raise ValueError(f"column {name!r} is not one of {self.columns}")
         return np.array([np.nan if row.get(name) is None else row[name] for row in self.rows],
                         dtype=np.float64)
+
+    @property
+    def columns(self) -> tuple:
+        """``COLUMNS``, then the observable columns every row carries (e.g. ``"chi/model/q"``,
+        from :func:`slt_jax.observable_trajectory`), in the order of the first row."""
+        extra = [k for k in (self.rows[0] if self.rows else {}) if k not in COLUMNS]
+        return COLUMNS + tuple(k for k in extra if all(k in row for row in self.rows))
+
+    def se_column(self, name: str) -> str | None:
+        """The standard-error column of ``name`` (``"llc_se"`` for ``"llc_mean"``, else
+        ``name + "_se"``), or ``None`` when the curve has none."""
+        se = "llc_se" if name == "llc_mean" else f"{name}_se"
+        return se if se in self.columns else None
 
     @property
     def steps(self) -> np.ndarray:
@@ -80,10 +93,12 @@ class LLCCurve:
         finite = np.isfinite(self.column("llc_mean")) & np.isfinite(self.column("llc_se"))
         return finite & ~flagged
 
-    def stages(self, *, smoothing: float = 0.1, alpha: float = 0.05) -> Stages:
-        """Stage boundaries of the λ̂ curve over the healthy rows (arXiv:2402.02364).
+    def stages(self, name: str = "llc_mean", *, smoothing: float = 0.1, alpha: float = 0.05) -> Stages:
+        """Stage boundaries of one column's curve over the healthy rows (arXiv:2402.02364).
 
         Args:
+          name: the column, λ̂ by default; any observable column (a susceptibility, say) works
+            the same, with its ``_se`` column as standard errors when it has one.
           smoothing: Gaussian kernel width in decades of log10(step + 1).
           alpha: false-boundary probability of a trendless curve
             (see :func:`slt_jax.stages.detect_stages`).
@@ -91,11 +106,12 @@ class LLCCurve:
         Returns:
           A :class:`~slt_jax.stages.Stages` over the healthy rows.
         """
-        keep = self.healthy
+        keep = self.healthy & np.isfinite(self.column(name))
         if keep.sum() < 3:
             raise ValueError(f"stage detection needs at least 3 healthy rows, got {int(keep.sum())}")
-        return detect_stages(self.steps[keep], self.column("llc_mean")[keep],
-                             self.column("llc_se")[keep], smoothing=smoothing, alpha=alpha)
+        se = self.se_column(name)
+        return detect_stages(self.steps[keep], self.column(name)[keep],
+                             None if se is None else self.column(se)[keep], smoothing=smoothing, alpha=alpha)
 
     def early_warning(self, name: str = "llc_mean", *, seed=0, **kwargs) -> EarlyWarning:
         """Early-warning indicators of one column over the healthy rows, one sample per row.
@@ -108,7 +124,45 @@ class LLCCurve:
         Returns:
           An :class:`~slt_jax.early_warning.EarlyWarning`.
         """
-        return early_warning(self.column(name)[self.healthy], seed=seed, **kwargs)
+        keep = self.healthy & np.isfinite(self.column(name))
+        return early_warning(self.column(name)[keep], seed=seed, **kwargs)
+
+    def plot_panels(self, names, path=None, *, stages: Stages | None = None, loss=None, events=(),
+                    title: str | None = None):
+        """Loss, λ̂ and one panel per column of ``names`` (± 2 s.e. where it has a ``_se``
+        column), over the healthy rows, with stage boundaries and events.
+
+        Args:
+          names: observable columns, e.g. ``["chi/model/teacher_mode_2"]``; a ``(column,
+            label)`` pair sets the panel's axis label.
+          path: optional PNG path.
+          stages, loss, events, title: as for :meth:`plot`.
+
+        Returns:
+          The matplotlib ``Figure``.
+        """
+        keep = self.healthy
+        if not keep.any():
+            raise ValueError("no healthy rows to plot: every step is flagged")
+        loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
+        if loss.shape != (len(self.rows),):
+            raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
+        panels = []
+        for item in ["llc_mean", *names]:
+            name, label = item if isinstance(item, tuple) else (item, None)
+            se = self.se_column(name)
+            panels.append((label or name, self.column(name)[keep],
+                           None if se is None else self.column(se)[keep]))
+        from slt_jax.plots import plot_curve_panels  # matplotlib only when plotting
+
+        panels[0] = (None, *panels[0][1:])  # the λ̂ panel keeps its own label
+        fig = plot_curve_panels(self.steps[keep], panels, loss=loss[keep],
+                                boundaries=None if stages is None else stages.boundaries, title=title)
+        for event in events:
+            fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
+        if path is not None:
+            fig.savefig(local_path(path), format="png", dpi=120)
+        return fig
 
     def plot(self, path=None, *, stages: Stages | None = None, loss=None, events=(),
              title: str | None = None):
@@ -241,12 +295,12 @@ class LLCCurve:
         return dump_json(self.to_dict(), path, indent=1)
 
     def to_csv(self, path) -> None:
-        """Write the rows as CSV with the columns in ``COLUMNS`` (empty cell for NaN)."""
+        """Write the rows as CSV with the columns in :attr:`columns` (empty cell for NaN)."""
         with open(path, "w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS)
+            writer = csv.DictWriter(file, fieldnames=self.columns)
             writer.writeheader()
             for row in json_safe(list(self.rows)):
-                writer.writerow({key: "" if row.get(key) is None else row[key] for key in COLUMNS})
+                writer.writerow({key: "" if row.get(key) is None else row[key] for key in self.columns})
 
     def summary(self, stages: Stages | None = None) -> str:
         """The rows as a table, with a footer: flagged rows and why, rows whose R-hat or ESS is

@@ -226,8 +226,8 @@ def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, se
 
 
 def _from_store(row: Mapping) -> dict:
-    """A row with its columns in ``COLUMNS`` order (stored rows carry the same keys)."""
+    """A row with its columns in ``COLUMNS`` order, then any further columns (observables) as stored."""
     missing = [name for name in COLUMNS if name not in row]
     if missing:
         raise ValueError(f"stored row for step {row.get('step')} lacks columns {missing}")
-    return {name: row[name] for name in COLUMNS}
+    return {**{name: row[name] for name in COLUMNS}, **{k: v for k, v in row.items() if k not in COLUMNS}}
