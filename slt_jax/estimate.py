@@ -12,7 +12,7 @@ import numpy as np
 from slt_jax import settings, validation
 from slt_jax.problem import make_problem
 from slt_jax.results import LLCResult, summarize
-from slt_jax.runner import chains
+from slt_jax.runner import chains, sharding
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.settings import AutoSettings, Precision, RunSettings
@@ -95,7 +95,8 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
     else:
         sampled = chains.sample(problem, kernel, run, key, step_size=step_size, progress=progress)
     if mala:
-        rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(), sampled.positions,
+        problem.require_resident("mala=True")
+        rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(), sharding.to_host(sampled.positions),
                                 jax.random.split(key)[1], step_size=sampled.step_size)
         healthy = sampled.diverged_at < 0
         stats = {"mala_acceptance": float(np.mean(rates[healthy])) if healthy.any() else float("nan")}

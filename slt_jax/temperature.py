@@ -20,6 +20,7 @@ from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.problem import make_problem
 from slt_jax.serialization import dump_json, json_safe
 from slt_jax.runner import divergence as divergence_lib
+from slt_jax.runner import sharding
 from slt_jax.runner.chains import run_chains, setup
 from slt_jax.samplers import get_kernel
 from slt_jax.settings import AutoSettings, Precision, RunSettings
@@ -195,7 +196,7 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
     problem = make_problem(loss_fn, params, data, localization=localization, nbeta=float(n), param_mask=param_mask,
                            mesh=mesh, devices=devices, precision=precision, run=run, allow_zero_localization=False)
     init_loss = problem.init_loss
-    curvature = full_batch_top_eigenvalue(problem.user_loss_fn, problem.params, problem.data,
+    curvature = full_batch_top_eigenvalue(problem.user_loss_fn, problem.params, problem.resident_data,
                                           keys.stream(key, keys.CURVATURE), mask=problem.mask,
                                           batch_size=problem.batch_size)
     calibration = None
@@ -224,7 +225,7 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
     batch_loss = np.asarray(draws.batch_loss, np.float64)
     offset = init_loss if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
     excess = (n * (batch_loss - offset)).reshape(num_rungs, num_chains, num_draws)
-    diverged_at = np.asarray(state.diverged_at)
+    diverged_at = sharding.to_host(state.diverged_at)
     diverged = (diverged_at >= 0) | ~np.all(np.isfinite(excess.reshape(total, -1)), axis=1)
     healthy = ~diverged.reshape(num_rungs, num_chains)
     diverged_chains = [int(i) for i in np.flatnonzero(diverged)]

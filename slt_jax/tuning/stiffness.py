@@ -20,6 +20,7 @@ import numpy as np
 from slt_jax import keys
 from slt_jax.curvature import chain_stiffness
 from slt_jax.errors import CalibrationWarning
+from slt_jax.runner import sharding
 from slt_jax.runner.chain import ChainInputs, RunConfig
 from slt_jax.tuning.equilibration import Equilibrated, run_until_equilibrated
 from slt_jax.tuning.grid import stable_step
@@ -85,11 +86,11 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
         state, start = run.state, start + run.num_steps
         equilibrate["chunk_size"] = run.chunk_size  # continuations reuse the compiled chunk
         segments.append(run)
-        healthy = np.asarray(state.diverged_at) < 0
+        healthy = sharding.to_host(state.diverged_at) < 0
         if not checked or not healthy.any():
             break
         # Every chain is measured (one program whatever diverged); the healthy ones count.
-        h = float(np.max(chain_stiffness(problem.user_loss_fn, state.kernel_state.position, problem.data,
+        h = float(np.max(chain_stiffness(problem.user_loss_fn, state.kernel_state.position, problem.resident_data,
                                          keys.stream(key, keys.STIFFNESS, len(checks)),
                                          param_mask=problem.mask)[healthy]))
         nbeta, localization = problem.nbeta, problem.localization

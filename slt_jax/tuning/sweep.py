@@ -307,7 +307,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     groups = []  # (setting index, ε, nβ, γ)
     for s, (nb, gamma) in enumerate(setting_pairs):
         grid = step_sizes if step_sizes is not None else default_step_sizes(
-            problem.user_loss_fn, problem.params, problem.data, key_grid, nbeta=nb, localization=gamma,
+            problem.user_loss_fn, problem.params, problem.resident_data, key_grid, nbeta=nb, localization=gamma,
             param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor)
         groups += [(s, float(eps), nb, gamma) for eps in grid]
     total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(setting_pairs))]
@@ -334,13 +334,16 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     llc_all = (np.asarray(draws.batch_loss, np.float64) - np.asarray(draws.center_loss, np.float64))
     llc_all = llc_all * np.repeat([g[2] for g in groups], num_chains)[:, None]
     draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
-    diverged_at = np.asarray(state.diverged_at).reshape(num_groups, num_chains)
+    diverged_at = sharding.to_host(state.diverged_at).reshape(num_groups, num_chains)
 
     mala = sweep.mala
     if mala is None:
-        mala = n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
+        mala = (n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
+                and not problem.streamed)
     mala = bool(mala) and kernel.name == "sgld"
-    positions = state.kernel_state.position
+    if mala:
+        problem.require_resident("the sweep's MALA check (mala=True)")
+    positions = sharding.to_host(state.kernel_state.position) if mala else None
 
     rows = []
     for g, (s, eps, nb, gamma) in enumerate(groups):
