@@ -135,7 +135,8 @@ def _check_betas(betas) -> np.ndarray:
 
 
 def estimate_free_energy(loss_fn, params, data, key, *, localization: float, betas=None, step_size=None,
-                         sampler="sgld", param_mask=None, mesh=None, devices=None, run: RunSettings | None = None,
+                         sampler="sgld", param_mask=None, mesh=None, devices=None, param_specs=None,
+                         run: RunSettings | None = None,
                          auto: AutoSettings | None = None, precision: Precision | None = None,
                          progress: bool = True, **options) -> FreeEnergyResult:
     """Sample a ladder of temperatures at ``params`` and return the local free energy and λ̂.
@@ -168,7 +169,7 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
         or factory.
       param_mask: sample only some parameters (see ``estimate_llc``); the free energy is
         then that of the sampled coordinates.
-      mesh, devices: where the chains run (as in ``estimate_llc``); rungs × chains are split
+      mesh, devices, param_specs: where the chains run (as in ``estimate_llc``); rungs × chains are split
         over the ``"chains"`` axis.
       run: :class:`~slt_jax.settings.RunSettings`: ``num_chains`` is per rung; the default
         ``loss_estimator`` here is ``"full_batch"`` (exact ``L_n`` at each draw, needed for
@@ -194,7 +195,8 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
     user_betas = None if betas is None else _check_betas(betas)
     kernel = get_kernel(sampler)
     problem = make_problem(loss_fn, params, data, localization=localization, nbeta=float(n), param_mask=param_mask,
-                           mesh=mesh, devices=devices, precision=precision, run=run, allow_zero_localization=False)
+                           mesh=mesh, devices=devices, param_specs=param_specs, precision=precision, run=run,
+                           allow_zero_localization=False)
     init_loss = problem.init_loss
     curvature = full_batch_top_eigenvalue(problem.user_loss_fn, problem.params, problem.resident_data,
                                           keys.stream(key, keys.CURVATURE), mask=problem.mask,

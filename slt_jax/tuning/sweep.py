@@ -62,6 +62,7 @@ import numpy as np
 from slt_jax import keys, settings, validation
 from slt_jax.errors import CalibrationError, CalibrationWarning
 from slt_jax.estimators.diagnostics import mcse_mean
+from slt_jax.distributed import is_primary
 from slt_jax.paths import local_path
 from slt_jax.posterior import default_nbeta
 from slt_jax.problem import make_problem
@@ -206,7 +207,7 @@ class Calibration:
                         xytext=(4, -12), fontsize="x-small", color="0.3")
         ax.set_title(f"step-size calibration (nβ = {choice['nbeta']:.4g}, γ = {choice['localization']:.3g})",
                      fontsize="medium")
-        if path is not None:
+        if path is not None and is_primary():  # one writer in a multi-process run
             fig.savefig(local_path(path), format="png", dpi=120)
         return fig
 
@@ -243,7 +244,7 @@ def _se(draws) -> float:
 
 
 def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbeta=None, sampler="sgld",
-              param_mask=None, mesh=None, devices=None, sweep: SweepSettings | None = None,
+              param_mask=None, mesh=None, devices=None, param_specs=None, sweep: SweepSettings | None = None,
               run: RunSettings | None = None, precision: Precision | None = None, progress: bool = True,
               **options) -> Calibration:
     """Sweep step sizes (and optionally nβ, γ) in one program and recommend a step size.
@@ -265,7 +266,8 @@ def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbet
       nbeta: nβ, or a sequence to sweep; default ``n / log n``.
       sampler: an SGLD-family sampler name or :class:`~slt_jax.samplers.KernelFactory`.
       param_mask: sample only some parameters (see :func:`slt_jax.estimate_llc`).
-      mesh, devices: how the chains are split over devices (see :func:`slt_jax.estimate_llc`).
+      mesh, devices, param_specs: how the chains (and parameters) are split over devices (see
+        :func:`slt_jax.estimate_llc`).
       sweep: the sweep's :class:`~slt_jax.settings.SweepSettings` (chains per step size,
         steps, window, agreement tolerance, Metropolis check, grid).
       run: :class:`~slt_jax.settings.RunSettings`; the sweep uses its ``batch_size``,
@@ -290,7 +292,8 @@ def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbet
             raise ValueError(f"step_sizes has repeated values: {step_sizes}")
     validation.key_data(key)
     problem = make_problem(loss_fn, params, data, localization=localizations[0], nbeta=nbetas[0],
-                           param_mask=param_mask, mesh=mesh, devices=devices, precision=precision, run=run)
+                           param_mask=param_mask, mesh=mesh, devices=devices, param_specs=param_specs,
+                           precision=precision, run=run)
     return run_sweep(problem, get_kernel(sampler), run, sweep, key, nbetas=nbetas, localizations=localizations,
                      step_sizes=step_sizes, progress=progress)
 
