@@ -37,6 +37,7 @@ def regression(key, n=N, d=3):
 def _worker(mode, out_dir):
     """One process of a job (or the single-process reference): writes its results to out_dir."""
     import slt_jax
+    import slt_jax.data.streaming
     from slt_jax import distributed
 
     warnings.simplefilter("error")
@@ -65,6 +66,10 @@ def _worker(mode, out_dir):
     out["llc_per_chain"], out["llc_trace"] = result.llc_per_chain, result.llc_trace
     out["settings"] = {k: result.settings[k] for k in ("mesh", "processes", "devices")}
     result.to_json(mine + "-result.json")
+    # Streamed from the host: each process gathers the rows of its own chains.
+    host = slt_jax.data.streaming.streamed(jax.tree.map(np.asarray, data))
+    out["streamed"] = slt_jax.estimate_llc(loss_fn, w, host, jax.random.key(1), step_size=1e-3, localization=1.0,
+                                           mesh=slt_jax.make_mesh(8), **SMALL).llc_per_chain
     checkpoints = os.path.join(out_dir, "ckpt")  # written by the pytest process beforehand
     trajectory = lambda: slt_jax.llc_trajectory(checkpoints, loss_fn, data, jax.random.key(2), step_size=1e-3,
                                                 localization=1.0, results_path=mine + "-store",
@@ -125,6 +130,9 @@ def test_two_processes_give_the_chains_of_one(two_processes):
     np.testing.assert_array_equal(p0["llc_trace"], p1["llc_trace"])
     np.testing.assert_allclose(p0["llc_per_chain"], ref["llc_per_chain"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(p0["llc_trace"], ref["llc_trace"], rtol=1e-5, atol=1e-5)
+    # Streamed data: the same chains again.
+    np.testing.assert_allclose(p0["streamed"], ref["llc_per_chain"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(p0["streamed"], p1["streamed"])
 
 
 def test_two_process_trajectory_matches_and_resumes(two_processes):

@@ -99,7 +99,7 @@ class Feeder:
             chains = shard.index[0]
             blocks.setdefault((chains.start or 0, chains.stop), shard.data)
         ordered = sorted(blocks.items())
-        for (_, stop), ((start, _), _) in zip(ordered, ordered[1:]):
+        for ((_, stop), _), ((start, _), _) in zip(ordered, ordered[1:]):
             if stop != start:
                 raise ValueError("this process's chains are not contiguous on the mesh: build it with "
                                  "slt_jax.make_mesh (each process's devices together)")
