@@ -83,6 +83,49 @@ def _worker(mode, out_dir):
         pickle.dump(out, f)
 
 
+def _more_worker(mode, out_dir):
+    """The other entry points over the global mesh: calibrate, step_size="auto", the free-energy
+    ladder and observation moments (as _worker: a job process or the 1 × 8 reference)."""
+    import slt_jax
+    from slt_jax import distributed
+    from slt_jax.problem import make_problem
+    from slt_jax.runner.chains import run_chains, sampled_of, setup
+    from slt_jax.runner.observation import Observation
+    from slt_jax.samplers import SGLD
+    from slt_jax.settings import AutoSettings, RunSettings, SweepSettings
+
+    warnings.simplefilter("error")
+    if mode == "more-job":
+        distributed.initialize(timeouts=distributed.Timeouts(initialization=60, heartbeat=20, check=60))
+    loss_fn, data, w = regression(jax.random.key(0))
+    mesh = slt_jax.make_mesh(8)
+    out = {}
+    cal = slt_jax.calibrate(loss_fn, w, data, jax.random.key(3), localization=1.0, num_chains=2, num_steps=800,
+                            batch_size=32, mesh=mesh, progress=False)
+    out["calibrate"] = (cal.step_sizes, cal.llc_mean, cal.status)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", slt_jax.CalibrationWarning)
+        auto = slt_jax.estimate_llc(loss_fn, w, data, jax.random.key(4), step_size="auto", localization=1.0, mesh=mesh,
+                                    auto=AutoSettings(max_extension=2, max_plateau_extension=None,
+                                                      sweep=SweepSettings(num_chains=2, num_steps=800)), **SMALL)
+    out["auto"] = (auto.settings["step_size"], auto.llc_per_chain)
+    free = slt_jax.estimate_free_energy(loss_fn, w, data, jax.random.key(5), localization=1.0, betas=[0.01, 0.1, 1.0],
+                                        num_chains=4, num_burnin=50, num_draws=50, batch_size=32, mesh=mesh,
+                                        progress=False)
+    out["free"] = free.mean_nloss
+    run = RunSettings(num_chains=8, num_burnin=20, num_draws=30, batch_size=32)
+    problem = make_problem(loss_fn, w, data, localization=1.0, mesh=mesh, run=run)
+    probe = jax.tree.map(lambda x: x[:4], data)
+    observe = Observation(lambda params, rows: {"losses": jax.vmap(lambda r: loss_fn(params, jax.tree.map(
+        lambda x: x[None], r)))(rows)}, pairs=(("losses", "losses"),))
+    config, inputs = setup(problem, SGLD, run, 1e-3, observation=observe, observed_inputs=probe)
+    state, draws = run_chains(jax.random.key(6), config, inputs, num_chains=8, num_burnin=20, num_draws=30,
+                              progress=False)
+    out["moments"] = sampled_of(state, draws, 1e-3, run).moments
+    with open(os.path.join(out_dir, f"{mode}-p{jax.process_index()}.pkl"), "wb") as f:
+        pickle.dump(out, f)
+
+
 def _save_checkpoints(directory):
     import orbax.checkpoint as ocp
 
@@ -226,8 +269,37 @@ def test_a_dead_process_ends_the_job_within_the_heartbeat_timeout():
     assert time.monotonic() - start < 180
 
 
+@pytest.mark.slow
+def test_every_entry_point_runs_over_two_processes(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+    reference = subprocess.Popen(_script("more-reference", str(tmp_path)), env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    results = launch.launch(_script("more-job", str(tmp_path)), 2, timeout=600, cpu_devices=4, output=io.StringIO())
+    ref_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_out[-4000:]
+    for status, _, text in results:
+        assert status == 0, text[-4000:]
+
+    def load(name):
+        with open(tmp_path / f"{name}.pkl", "rb") as f:
+            return pickle.load(f)
+
+    ref, p0, p1 = load("more-reference-p0"), load("more-job-p0"), load("more-job-p1")
+    for got in (p0, p1):
+        np.testing.assert_allclose(got["calibrate"][0], ref["calibrate"][0], rtol=1e-6)
+        np.testing.assert_allclose(got["calibrate"][1], ref["calibrate"][1], rtol=1e-4, atol=1e-4)
+        assert got["calibrate"][2] == ref["calibrate"][2]
+        assert got["auto"][0] == pytest.approx(ref["auto"][0], rel=1e-6)
+        np.testing.assert_allclose(got["auto"][1], ref["auto"][1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["free"], ref["free"], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(got["moments"]), jax.tree.leaves(ref["moments"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "dying":
         _dying_worker()
+    elif sys.argv[1].startswith("more"):
+        _more_worker(sys.argv[1], sys.argv[2])
     else:
         _worker(sys.argv[1], sys.argv[2])
