@@ -74,10 +74,11 @@ def test_the_device_never_holds_the_whole_dataset(problem, monkeypatch):
 
     for name in ("device_put", "make_array_from_callback", "make_array_from_process_local_data"):
         spy(name)
+    before = {id(x) for x in jax.live_arrays()}  # other tests' arrays may still be alive
     result = slt_jax.estimate_llc(_loss, w, streaming.streamed(mapped, chunk_bytes=budget), jax.random.key(1), **RUN)
     assert np.all(np.isfinite(result.llc_per_chain))
     assert sizes and max(sizes) <= budget < dataset, (max(sizes), budget, dataset)
-    assert all(x.nbytes < dataset for x in jax.live_arrays())
+    assert all(x.nbytes < dataset for x in jax.live_arrays() if id(x) not in before)
 
 
 @pytest.mark.slow
