@@ -151,8 +151,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         wait_for_coordinator(coordinator, timeouts.initialization, process_id=process_id)
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-        initialization_timeout=_seconds(timeouts.initialization), heartbeat_timeout_seconds=_seconds(timeouts.heartbeat),
-        shutdown_timeout_seconds=_seconds(timeouts.shutdown), **jax_options)
+        initialization_timeout=_seconds(timeouts.initialization),
+        heartbeat_timeout_seconds=_seconds(timeouts.heartbeat), shutdown_timeout_seconds=_seconds(timeouts.shutdown),
+        **jax_options)
     _STATE.timeouts, _STATE.checks = timeouts, 0
     from slt_jax import __version__
 

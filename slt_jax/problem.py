@@ -214,7 +214,8 @@ def make_problem(loss_fn, params, data, *, localization, nbeta=None, eval_data=N
     num_sampled = masks.num_sampled(mask, params)
     if not streamed:
         data = sharding.put_data(data, mesh)
-    validation.check_loss_fn(loss_fn, params, data.abstract(batch_size) if streamed else _abstract_batch(data, batch_size))
+    validation.check_loss_fn(loss_fn, params,
+                             data.abstract(batch_size) if streamed else _abstract_batch(data, batch_size))
     n_eval, eval_batch_size = n, batch_size
     if eval_data is not None:
         n_eval = validation.check_data(eval_data, "eval_data")

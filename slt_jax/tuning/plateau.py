@@ -75,8 +75,9 @@ def plateau_check(problem, auto: AutoSettings, key):
     sample = sharding.to_host(jax.tree.map(lambda x: x[rows], data))  # gathered on device, then to the host
     method = "dense" if problem.num_sampled <= auto.laplace_dense_params else "lanczos"
     try:
-        value = laplace_llc(problem.user_loss_fn, sharding.to_host(problem.params), sample, localization=problem.localization,
-                            nbeta=problem.nbeta, method=method, key=jax.random.fold_in(key, 1))
+        value = laplace_llc(problem.user_loss_fn, sharding.to_host(problem.params), sample,
+                            localization=problem.localization, nbeta=problem.nbeta, method=method,
+                            key=jax.random.fold_in(key, 1))
     except (ValueError, jax.errors.JaxRuntimeError) as err:  # a saddle (improper posterior), out of memory
         return {"skipped": str(err).splitlines()[0]}, None
     record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,
