@@ -269,6 +269,33 @@ def test_a_dead_process_ends_the_job_within_the_heartbeat_timeout():
     assert time.monotonic() - start < 180
 
 
+@pytest.mark.unit
+def test_command_line_flags_and_pure_helpers(monkeypatch):
+    import argparse
+
+    from slt_jax import distributed
+
+    parser = argparse.ArgumentParser()
+    distributed.add_arguments(parser)
+    for name in (distributed.COORDINATOR_ENV, distributed.NUM_PROCESSES_ENV, distributed.PROCESS_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize_from_args(parser.parse_args([])) is None  # one process: nothing to do
+    args = parser.parse_args(["--coordinator", "host:1234", "--num-processes", "2", "--init-timeout", "5"])
+    assert (args.coordinator, args.num_processes, args.process_id, args.init_timeout) == ("host:1234", 2, None, 5.0)
+    with pytest.raises(distributed.DistributedError, match="go together"):
+        distributed.initialize_from_args(args)
+    with pytest.raises(ValueError, match="heartbeat"):
+        distributed.Timeouts(heartbeat=0)
+    differences = distributed._differences({0: {"a": 1, "b": [1, 2]}, 1: {"a": 1, "b": [1, 3]}})
+    assert differences == ["b: process 0 has [1, 2], process 1 has [1, 3]"]
+    assert distributed.is_primary() and not distributed.is_distributed()
+    distributed.check_consistent("anything", lambda: 1 / 0)  # a no-op in one process: never evaluated
+    assert distributed.from_primary(lambda: {"x": 1}, "value") == {"x": 1}
+    assert launch.status_of([(0, 1.0, ""), (0, 1.0, "")]) == 0
+    assert launch.status_of([(0, 1.0, ""), (3, 1.0, "")]) == 3
+    assert launch.status_of([(None, 9.0, ""), (0, 1.0, "")]) == launch.TIMEOUT_STATUS
+
+
 @pytest.mark.slow
 def test_every_entry_point_runs_over_two_processes(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
