@@ -15,9 +15,10 @@ Sections (``--sections``; all by default):
   * ``transformer`` — next-token transformers of about 1M, 10M and 100M parameters
     (``slt_jax.models.Transformer``) on random byte sequences: chain-steps/s and per-device
     memory against chains and the model axis (at initialisation λ̂ means nothing: no estimate).
-  * ``model_axis`` — with a single device on CPU, the two sections above rerun in a subprocess
-    with 8 simulated CPU devices, to show what the model axis does to per-device memory (their
-    throughput there is not a measurement: 8 devices share the machine's cores).
+  * ``model_axis`` — with a single device on CPU, the 100K and 1M DLNs and the 1M and 10M
+    transformers compiled in a subprocess with 8 simulated CPU devices, ``model`` = 1, 2, 4, 8:
+    what the model axis does to per-device memory (not timed: 8 devices share the machine's
+    cores).
   * ``multiprocess`` — on CPU: the 10K DLN on 2 local processes × 4 devices (gloo,
     ``slt_jax.launch``) against 1 process × 8 devices: wall time and whether the per-chain λ̂
     agree.
@@ -134,12 +135,25 @@ def compiled_memory(config, inputs, num_chains, chunk) -> dict | None:
     return {"arguments_mib": mib(arg), "temporaries_mib": mib(temp), "peak_mib": mib(arg + out - alias + temp)}
 
 
+def params_per_device(params) -> float:
+    """MiB of w* on the device that holds the most of it."""
+    held = {}
+    for leaf in jax.tree.leaves(params):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values()) / 2**20
+
+
 def throughput(problem, num_chains, steps, chunk, rounds):
-    """Chain-steps/s of a run of ``steps`` steps (best of ``rounds`` after a compiling warm-up),
-    and the compiled chunk's per-device memory."""
+    """Chain-steps/s of a run of ``steps`` steps (best of ``rounds`` after a compiling warm-up;
+    ``None`` with no rounds), and the compiled chunk's per-device memory (with w*'s share)."""
     run = RunSettings(num_chains=num_chains, num_burnin=steps - 1, num_draws=1, batch_size=problem.batch_size,
                       chunk_size=chunk)
     config, inputs = setup(problem, SGLD, run, 1e-9)
+    memory = compiled_memory(config, inputs, num_chains, chunk) or {}
+    memory["params_mib"] = params_per_device(problem.params)
+    if rounds == 0:
+        return None, memory
 
     def go():
         state, _ = run_chains(jax.random.key(1), config, inputs, num_chains=num_chains, num_burnin=steps - 1,
@@ -152,7 +166,7 @@ def throughput(problem, num_chains, steps, chunk, rounds):
         start = time.perf_counter()
         go()
         best = min(best, time.perf_counter() - start)
-    return num_chains * steps / best, compiled_memory(config, inputs, num_chains, chunk)
+    return num_chains * steps / best, memory
 
 
 def nearest_network(spec, seed):
@@ -166,6 +180,19 @@ def nearest_network(spec, seed):
         if best is None or gap < best[0]:
             best = (gap, arch, count)
     return best[1], best[2]
+
+
+def failure(error) -> str:
+    """An exception as a row's ``error`` (and its traceback on stderr)."""
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    return f"{type(error).__name__}: {error}"[:600]
+
+
+def rounds(args) -> int:
+    """Timed repeats of a throughput run (0: compile and read the memory only)."""
+    return 0 if args.memory_only else 1 if args.quick else 2
 
 
 class Clock:
@@ -212,15 +239,19 @@ def dln_section(scales, args, clock) -> list:
                 if clock.left() < 20:
                     rows.append({**base, "model": model, "chains": chains, "skipped": "time budget spent"})
                     continue
-                problem = make_problem(_LOSS, teacher, data, localization=LOCALIZATION, mesh=mesh,
-                                       run=RunSettings(batch_size=DLN_BATCH))
-                rate, mem = throughput(problem, chains, steps, steps // 2, 1 if args.quick else 2)
+                try:
+                    problem = make_problem(_LOSS, teacher, data, localization=LOCALIZATION, mesh=mesh,
+                                           run=RunSettings(batch_size=DLN_BATCH))
+                    rate, mem = throughput(problem, chains, steps, steps // 2, rounds(args))
+                except Exception as error:  # one configuration's failure is a row, not the end of the run
+                    rows.append({**base, "model": model, "chains": chains, "error": failure(error)})
+                    continue
                 row = {**base, "model": model, "chains": chains, "mesh": dict(mesh.shape),
                        "chain_steps_per_s": rate, "memory": mem}
                 rows.append(row)
-                print(f"  dln {scale} ({count} params) model={model} chains={chains}: {rate:.0f} chain-steps/s",
-                      file=sys.stderr)
-                if best is None or rate > best[0]:
+                print(f"  dln {scale} ({count} params) model={model} chains={chains}: {rate} chain-steps/s, "
+                      f"{mem}", file=sys.stderr)
+                if rate is not None and (best is None or rate > best[0]):
                     best = (rate, model, chains, mesh)
         if best is None or args.no_estimate:
             continue
@@ -230,9 +261,13 @@ def dln_section(scales, args, clock) -> list:
         total = min(planned, max(affordable, 200))
         burnin = int(0.9 * total)
         start = time.perf_counter()
-        result = slt_jax.estimate_llc(_LOSS, teacher, data, key_sample, step_size=spec["step_size"],
-                                      localization=LOCALIZATION, batch_size=DLN_BATCH, num_chains=chains,
-                                      num_burnin=burnin, num_draws=total - burnin, mesh=mesh, progress=False)
+        try:
+            result = slt_jax.estimate_llc(_LOSS, teacher, data, key_sample, step_size=spec["step_size"],
+                                          localization=LOCALIZATION, batch_size=DLN_BATCH, num_chains=chains,
+                                          num_burnin=burnin, num_draws=total - burnin, mesh=mesh, progress=False)
+        except Exception as error:
+            rows.append({**base, "model": model, "chains": chains, "error": failure(error)})
+            continue
         rows.append({**base, "model": model, "chains": chains, "mesh": dict(mesh.shape), "estimate": True,
                      "step_size": spec["step_size"], "steps": total, "protocol_steps": spec["steps"],
                      "truncated": total < spec["steps"], "llc_mean": result.llc_mean, "llc_se": result.llc_se,
@@ -275,13 +310,18 @@ def transformer_section(sizes, args, clock) -> list:
                 if clock.left() < 20:
                     rows.append({**base, "model": model, "chains": chains, "skipped": "time budget spent"})
                     continue
-                problem = make_problem(loss_fn, params, {"tokens": tokens}, localization=LOCALIZATION, mesh=mesh,
-                                       run=RunSettings(batch_size=TOKEN_BATCH))
-                rate, mem = throughput(problem, chains, steps, steps // 2, 1 if args.quick else 2)
+                try:
+                    problem = make_problem(loss_fn, params, {"tokens": tokens}, localization=LOCALIZATION,
+                                           mesh=mesh, run=RunSettings(batch_size=TOKEN_BATCH))
+                    rate, mem = throughput(problem, chains, steps, steps // 2, rounds(args))
+                except Exception as error:
+                    rows.append({**base, "model": model, "chains": chains, "error": failure(error)})
+                    continue
                 rows.append({**base, "model": model, "chains": chains, "mesh": dict(mesh.shape),
-                             "chain_steps_per_s": rate, "tokens_per_s": rate * TOKEN_BATCH * CONTEXT, "memory": mem})
+                             "chain_steps_per_s": rate, "tokens_per_s": rate and rate * TOKEN_BATCH * CONTEXT,
+                             "memory": mem})
                 print(f"  transformer {size} ({count / 1e6:.1f}M) model={model} chains={chains}: "
-                      f"{rate:.1f} chain-steps/s", file=sys.stderr)
+                      f"{rate} chain-steps/s, {mem}", file=sys.stderr)
     return rows
 
 
@@ -289,8 +329,10 @@ def model_axis_section(args) -> dict:
     """The dln and transformer sections again with 8 simulated CPU devices (a subprocess)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
     out = Path(args.out).with_name(Path(args.out).stem + "_model_axis.json")
-    command = [sys.executable, __file__, "--sections", "dln", "transformer", "--scales", "10K", "--sizes", "1M",
-               "--model", "1", "2", "4", "--chains-per-group", "1", "--no-estimate", "--out", str(out)]
+    scales, sizes = (["1M"], ["1M"]) if args.quick else (["1M", "10M"], ["1M", "10M"])
+    command = [sys.executable, __file__, "--sections", "dln", "transformer", "--scales", *scales, "--sizes", *sizes,
+               "--model", "1", "2", "4", "8", "--chains-per-group", "1", "--memory-only", "--max-n", "2048",
+               "--out", str(out)]
     if args.quick:
         command.append("--quick")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
@@ -348,16 +390,17 @@ def multiprocess_worker(out_dir, steps):
 
 def tables(record) -> str:
     lines = []
+    rate = lambda r, f: "—" if r["chain_steps_per_s"] is None else format(r["chain_steps_per_s"], f)
     dln = [r for r in record.get("dln", []) if "chain_steps_per_s" in r]
     if dln:
         lines += ["### Deep linear networks: throughput and memory", "",
-                  "| scale | params | n | mesh | chains | chain-steps/s | peak MiB/device | args MiB/device |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| scale | params | n | mesh | chains | chain-steps/s | peak MiB/device | args MiB/device | "
+                  "w* MiB/device |", "|---|---|---|---|---|---|---|---|---|"]
         for r in dln:
             mem = r["memory"] or {}
             lines.append(f"| {r['scale']} | {r['num_params']:,} | {r['n']:,} | {r['mesh']} | {r['chains']} | "
-                         f"{r['chain_steps_per_s']:.0f} | {mem.get('peak_mib', float('nan')):.1f} | "
-                         f"{mem.get('arguments_mib', float('nan')):.1f} |")
+                         f"{rate(r, '.0f')} | {mem.get('peak_mib', float('nan')):.1f} | "
+                         f"{mem.get('arguments_mib', float('nan')):.1f} | {mem.get('params_mib', float('nan')):.2f} |")
     est = [r for r in record.get("dln", []) if r.get("estimate")]
     if est:
         lines += ["", "### Deep linear networks: λ̂ against Aoyagi's λ (fixed protocol ε, 90 % burn-in)", "",
@@ -370,19 +413,26 @@ def tables(record) -> str:
     tr = [r for r in record.get("transformer", []) if "chain_steps_per_s" in r]
     if tr:
         lines += ["", "### Transformers (random bytes, context 128, batch 32): throughput and memory", "",
-                  "| size | params | mesh | chains | chain-steps/s | tokens/s | peak MiB/device |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| size | params | mesh | chains | chain-steps/s | tokens/s | peak MiB/device | w* MiB/device |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in tr:
             mem = r["memory"] or {}
+            tokens = "—" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
             lines.append(f"| {r['size']} | {r['num_params'] / 1e6:.1f}M | {r['mesh']} | {r['chains']} | "
-                         f"{r['chain_steps_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-                         f"{mem.get('peak_mib', float('nan')):.1f} |")
+                         f"{rate(r, '.1f')} | {tokens} | {mem.get('peak_mib', float('nan')):.1f} | "
+                         f"{mem.get('params_mib', float('nan')):.2f} |")
     skipped = [r for key in ("dln", "transformer") for r in record.get(key, []) if "skipped" in r]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{r.get('scale') or r.get('size')} model={r.get('model', '-')} "
                                            f"chains={r.get('chains', '-')} ({r['skipped']})" for r in skipped)]
+    errors = [f"{key}: {r['error']}" for key in ("dln", "transformer") for r in record.get(key, [])
+              if isinstance(r, dict) and "error" in r]
+    errors += [f"{key}: {record[key]['error']}" for key in record if isinstance(record[key], dict)
+               and "error" in record[key]]
+    if errors:
+        lines += ["", "Errors: " + "; ".join(e[:300] for e in errors)]
     if "model_axis" in record and "dln" in record["model_axis"]:
-        lines += ["", "### The model axis on 8 simulated CPU devices (memory; throughput not meaningful)", "",
+        lines += ["", "### The model axis on 8 simulated CPU devices (compiled memory per device; not timed)", "",
                   tables({k: record["model_axis"][k] for k in ("dln", "transformer") if k in record["model_axis"]})]
     if "multiprocess" in record and "error" not in record["multiprocess"]:
         m = record["multiprocess"]
@@ -391,7 +441,7 @@ def tables(record) -> str:
                   f"| 1 × 8 | {m['one_process_8_devices_s']:.1f} | {m['estimate_s']['one']:.1f} | |",
                   f"| 2 × 4 | {m['two_processes_4_devices_s']:.1f} | {m['estimate_s']['two']:.1f} | "
                   f"{m['max_abs_diff_per_chain_llc']:.2g} |"]
-    if "streaming" in record:
+    if "streaming" in record and "ratio" in record["streaming"]:
         sys.path.insert(0, str(HERE))
         from streaming import table
 
@@ -415,12 +465,15 @@ def main(argv=None):
     parser.add_argument("--seconds-per-estimate", type=float, default=None,
                         help="cap on each λ̂ run (default 600 s on CPU, 60 s on accelerators)")
     parser.add_argument("--no-estimate", action="store_true", help="throughput and memory only")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="compile each configuration and read its memory; no timed runs, no estimate")
     parser.add_argument("--budget", type=float, default=None, help="start no new work after this many seconds")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/scale_out.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.no_estimate = args.no_estimate or args.memory_only
     if args.worker:
         return multiprocess_worker(args.worker[0], int(args.worker[1]))
     cpu = on_cpu()
@@ -438,22 +491,27 @@ def main(argv=None):
                           "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
                           "device_memory_mib": device_memory() / 2**20, "jax": jax.__version__},
               "args": {k: v for k, v in vars(args).items() if k != "worker"}}
-    if "dln" in sections:
-        record["dln"] = dln_section(scales, args, clock)
-    if "transformer" in sections:
-        record["transformer"] = transformer_section(sizes, args, clock)
-    if "model_axis" in sections and jax.device_count() == 1 and cpu:
-        record["model_axis"] = model_axis_section(args)
-    if "multiprocess" in sections and cpu:
-        record["multiprocess"] = multiprocess_section(args)
-    if "streaming" in sections and clock.left() > 60:
+    def streaming_section():
         sys.path.insert(0, str(HERE))
         from streaming import compare
 
         steps = (256 if args.quick else 512) * (1 if cpu else 8)
         # On an accelerator the feeder sizes the chunks (≤ chunk_bytes of rows per device).
-        record["streaming"] = compare(n=32768 if args.quick else 65536, steps=steps,
-                                      chunk_size=steps // 4 if cpu else None, rounds=2 if args.quick else 3)
+        return compare(n=32768 if args.quick else 65536, steps=steps, chunk_size=steps // 4 if cpu else None,
+                       rounds=2 if args.quick else 3)
+
+    runs = {"dln": lambda: dln_section(scales, args, clock),
+            "transformer": lambda: transformer_section(sizes, args, clock),
+            "model_axis": lambda: model_axis_section(args) if jax.device_count() == 1 and cpu else None,
+            "multiprocess": lambda: multiprocess_section(args) if cpu else None,
+            "streaming": lambda: streaming_section() if clock.left() > 60 else {"skipped": "time budget spent"}}
+    for name in sections:
+        try:
+            value = runs[name]()
+        except Exception as error:
+            value = {"error": failure(error)}
+        if value is not None:
+            record[name] = value
     record["seconds"] = time.perf_counter() - clock.start
     print(tables(record))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

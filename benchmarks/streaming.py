@@ -61,7 +61,7 @@ def write_memmap(directory, n, widths, seed=0):
     return out
 
 
-def compare(n=65536, chains=4, batch_size=256, steps=512, chunk_size=128, rounds=3, widths=MODELS["1M"]):
+def compare(n=65536, chains=4, batch_size=64, steps=512, chunk_size=128, rounds=3, widths=MODELS["1M"]):
     """Chain-steps/s of the same run with the data on device and streamed from a memmap."""
     params = init_mlp(jax.random.key(0), widths)
     run = RunSettings(num_chains=chains, num_burnin=0, num_draws=steps, batch_size=batch_size,
@@ -131,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument("--n", type=int, default=65536, help="rows of the memmap")
     parser.add_argument("--chains", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/streaming.json")
     args = parser.parse_args(argv)
     steps, rounds = (256, 2) if args.quick else (512, 3)
