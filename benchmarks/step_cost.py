@@ -293,8 +293,6 @@ def reference(quick: bool):
     import dataclasses
     import warnings
 
-    import numpy as np
-
     import slt_jax
     from slt_jax.problem import make_problem
     from slt_jax.runner.chains import setup

@@ -87,7 +87,7 @@ _EXPORTS = {
     "thermodynamic_integration": "slt_jax.estimators.free_energy",
     "wbic": "slt_jax.estimators.free_energy",
 }
-_SUBMODULES = ("data", "groundtruth", "models", "selectors")
+_SUBMODULES = ("data", "distributed", "groundtruth", "models", "selectors")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

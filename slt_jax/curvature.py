@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from slt_jax import masks, validation
 from slt_jax.data.batches import full_batch_loss, minibatch
+from slt_jax.runner import sharding
 
 # Rows of the probe batch on which h is measured, and power iterations per estimate.
 PROBE_ROWS = 4096
@@ -131,7 +132,7 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None, precondit
     batch = _probe_batch(key_batch, data, min(n, rows))
     # On the host: uncommitted like the grid's arguments, so the grid's compiled program serves
     # the chains two at a time whatever mesh they ran on.
-    host = jax.device_get(positions)
+    host = sharding.to_host(positions)
     center = jax.tree.map(lambda x: jnp.asarray(x[0]), host)
     mask = masks.resolve_mask(param_mask, center)
     mask = jax.tree.map(jnp.ones_like, center) if mask is None else mask

@@ -16,6 +16,7 @@ import numpy as np
 from slt_jax import settings, validation
 from slt_jax.problem import make_problem
 from slt_jax.results import LLCResult, summarize
+from slt_jax.runner import sharding
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.settings import AutoSettings, Precision, RunSettings
@@ -25,7 +26,7 @@ from slt_jax.tuning.sweep import Calibration
 
 
 def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=None, sampler="sgld",
-                 eval_data=None, param_mask=None, mala: bool = False, mesh=None, devices=None,
+                 eval_data=None, param_mask=None, mala: bool = False, mesh=None, devices=None, param_specs=None,
                  run: RunSettings | None = None, auto: AutoSettings | None = None,
                  precision: Precision | None = None, progress: bool = True, **options) -> LLCResult:
     """Estimate the local learning coefficient λ̂(w*) at ``params``.
@@ -38,7 +39,10 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
       loss_fn: ``loss_fn(params, batch) -> scalar``, the mean per-sample loss over ``batch``
         (for free energies: the negative log-likelihood in nats; λ̂ does not depend on scale).
       params: the point w* (a pytree of float arrays).
-      data: a pytree of arrays sharing a leading axis of length n (the gradient data).
+      data: a pytree of arrays sharing a leading axis of length n (the gradient data), or
+        :func:`slt_jax.data.streamed` host arrays (memmaps) too large for device memory:
+        minibatches are then gathered on the host from the same draws
+        (:mod:`slt_jax.data.streaming`; not with ``loss_estimator="full_batch"``, NUTS or MALA).
       key: a JAX PRNG key; chain i uses ``fold_in(key, i)``.
       step_size: ε, the step size (noise variance per step); ``"auto"`` to calibrate it first
         (:func:`slt_jax.calibrate`'s sweep on the key's calibration stream), or a
@@ -63,8 +67,12 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
         full-batch potential (``sampler="sgld"``, small models); the mean acceptance lands in
         ``sampler_stats["mala_acceptance"]``.
       mesh, devices: a ``jax.sharding.Mesh`` with a ``"chains"`` axis (and optionally
-        ``"data"``), or a device count (:func:`slt_jax.make_mesh`); the same key gives the same
-        chains on any number of devices.
+        ``"data"``, ``"model"``), or a device count (:func:`slt_jax.make_mesh`); the same key gives
+        the same chains on any number of devices or processes (:mod:`slt_jax.distributed`).
+      param_specs: with a ``"model"`` axis, how each leaf of ``params`` is split: a pytree like
+        ``params`` of ``PartitionSpec`` over ``"model"`` (``None`` leaves replicated); default
+        the largest divisible dimension of each large leaf
+        (:func:`slt_jax.runner.sharding.param_specs`).
       run: :class:`~slt_jax.settings.RunSettings` — chains, draws, burn-in, thinning, batch,
         loss estimator, chunking, divergence policy.
       auto: :class:`~slt_jax.settings.AutoSettings` — what a calibrated run may do.
@@ -92,7 +100,8 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
         if mala and getattr(kernel, "name", kernel) != "sgld":
             raise ValueError(f"mala=True checks SGLD proposals; it does not apply to sampler={kernel!r}")
         problem = make_problem(loss_fn, params, data, localization=localization, nbeta=nbeta, eval_data=eval_data,
-                               param_mask=param_mask, mesh=mesh, devices=devices, precision=precision, run=run)
+                               param_mask=param_mask, mesh=mesh, devices=devices, param_specs=param_specs,
+                               precision=precision, run=run)
         if kernel == nuts.NUTS:
             sampled = nuts.sample(problem, run, key, step_size=step_size, progress=progress)
         elif calibrated:
@@ -101,7 +110,9 @@ def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=N
         else:
             sampled = checks.sample_checked(problem, kernel, run, key, step_size=step_size, progress=progress)
         if mala:
-            rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(), sampled.positions,
+            problem.require_resident("mala=True")
+            rates = mala_acceptance(problem.loss_fn, problem.data, problem.posterior(),
+                                    sharding.to_host(sampled.positions),
                                     jax.random.split(key)[1], step_size=sampled.step_size)
             healthy = sampled.diverged_at < 0
             stats = {"mala_acceptance": float(np.mean(rates[healthy])) if healthy.any() else float("nan")}

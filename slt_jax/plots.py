@@ -11,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from slt_jax.curves.early_warning import EarlyWarning
+from slt_jax.distributed import is_primary
 from slt_jax.paths import local_path
 
 _LLC_LABEL = r"LLC $\hat\lambda$"
@@ -399,6 +400,6 @@ def _trend_label(tau, p):
 
 
 def _finish(fig, path):
-    if path is not None:
+    if path is not None and is_primary():  # one writer in a multi-process run
         fig.savefig(local_path(path), format="png", dpi=120)
     return fig

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from slt_jax.distributed import is_primary
 from slt_jax.paths import local_path
 
 
@@ -59,9 +60,9 @@ def json_safe(value: Any, *, keep_nonfinite: bool = False, where: str = "value")
 
 def dump_json(record: dict, path=None, indent: int = 2) -> str:
     """``record`` as JSON text; also written (UTF-8) to ``path`` if given (relative and ``~``
-    paths resolved). Every result's ``to_json``."""
+    paths resolved; in a multi-process run by process 0 only). Every result's ``to_json``."""
     text = json.dumps(record, indent=indent)
-    if path is not None:
+    if path is not None and is_primary():
         with open(local_path(path), "w", encoding="utf-8") as file:
             file.write(text)
     return text

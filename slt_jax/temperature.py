@@ -20,6 +20,7 @@ from slt_jax.estimators.diagnostics import chain_diagnostics
 from slt_jax.problem import make_problem
 from slt_jax.serialization import dump_json, json_safe
 from slt_jax.runner import divergence as divergence_lib
+from slt_jax.runner import sharding
 from slt_jax.runner.chains import run_chains, setup
 from slt_jax.samplers import get_kernel
 from slt_jax.settings import AutoSettings, Precision, RunSettings
@@ -134,7 +135,8 @@ def _check_betas(betas) -> np.ndarray:
 
 
 def estimate_free_energy(loss_fn, params, data, key, *, localization: float, betas=None, step_size=None,
-                         sampler="sgld", param_mask=None, mesh=None, devices=None, run: RunSettings | None = None,
+                         sampler="sgld", param_mask=None, mesh=None, devices=None, param_specs=None,
+                         run: RunSettings | None = None,
                          auto: AutoSettings | None = None, precision: Precision | None = None,
                          progress: bool = True, **options) -> FreeEnergyResult:
     """Sample a ladder of temperatures at ``params`` and return the local free energy and λ̂.
@@ -167,7 +169,7 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
         or factory.
       param_mask: sample only some parameters (see ``estimate_llc``); the free energy is
         then that of the sampled coordinates.
-      mesh, devices: where the chains run (as in ``estimate_llc``); rungs × chains are split
+      mesh, devices, param_specs: where the chains run (as in ``estimate_llc``); rungs × chains are split
         over the ``"chains"`` axis.
       run: :class:`~slt_jax.settings.RunSettings`: ``num_chains`` is per rung; the default
         ``loss_estimator`` here is ``"full_batch"`` (exact ``L_n`` at each draw, needed for
@@ -193,9 +195,10 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
     user_betas = None if betas is None else _check_betas(betas)
     kernel = get_kernel(sampler)
     problem = make_problem(loss_fn, params, data, localization=localization, nbeta=float(n), param_mask=param_mask,
-                           mesh=mesh, devices=devices, precision=precision, run=run, allow_zero_localization=False)
+                           mesh=mesh, devices=devices, param_specs=param_specs, precision=precision, run=run,
+                           allow_zero_localization=False)
     init_loss = problem.init_loss
-    curvature = full_batch_top_eigenvalue(problem.user_loss_fn, problem.params, problem.data,
+    curvature = full_batch_top_eigenvalue(problem.user_loss_fn, problem.params, problem.resident_data,
                                           keys.stream(key, keys.CURVATURE), mask=problem.mask,
                                           batch_size=problem.batch_size)
     calibration = None
@@ -224,7 +227,7 @@ def estimate_free_energy(loss_fn, params, data, key, *, localization: float, bet
     batch_loss = np.asarray(draws.batch_loss, np.float64)
     offset = init_loss if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
     excess = (n * (batch_loss - offset)).reshape(num_rungs, num_chains, num_draws)
-    diverged_at = np.asarray(state.diverged_at)
+    diverged_at = sharding.to_host(state.diverged_at)
     diverged = (diverged_at >= 0) | ~np.all(np.isfinite(excess.reshape(total, -1)), axis=1)
     healthy = ~diverged.reshape(num_rungs, num_chains)
     diverged_chains = [int(i) for i in np.flatnonzero(diverged)]

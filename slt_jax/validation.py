@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slt_jax.data.streaming import Streamed
+
 
 def _path(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
@@ -23,7 +25,10 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
 
 
 def check_data(data, name: str = "data") -> int:
-    """Check that every leaf of ``data`` is an array sharing one leading axis; return its length."""
+    """Check that every leaf of ``data`` is an array sharing one leading axis; return its length
+    (streamed data, :func:`slt_jax.data.streamed`, are checked the same way, on the host)."""
+    if isinstance(data, Streamed):
+        return check_data(data.source, name)
     leaves = jax.tree_util.tree_leaves_with_path(data)
     if not leaves:
         raise ValueError(f"{name} has no arrays: pass a pytree of arrays with a leading sample axis")

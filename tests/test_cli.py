@@ -11,6 +11,7 @@ that ran those reuses their compiled chain program.
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -388,3 +389,27 @@ def test_demo_llc_example_as_typed(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "relative error" in done.stdout and (tmp_path / "slt-jax-demo" / "llc_result.json").exists()
+
+
+def test_llc_over_two_processes_is_the_one_process_run(tmp_path, monkeypatch):
+    """``slt-jax llc --devices 4`` as two processes of one job (the launcher's environment, 2 CPU
+    devices each, gloo) gives the per-chain λ̂ of one process with 4 devices; process 0 writes."""
+    from slt_jax import launch
+
+    (tmp_path / "line.py").write_text(
+        "import jax.numpy as jnp\n"
+        "def model():\n    return (lambda w, b: jnp.mean((b['y'] - w['a'] * b['x']) ** 2)), {'a': jnp.ones(())}\n"
+        "def data():\n    x = jnp.linspace(-1.0, 1.0, 64)\n    return {'x': x, 'y': x}\n")
+    argv = [sys.executable, "-m", "slt_jax.cli", "llc", "--model", "line.py:model", "--data", "line.py:data",
+            "--step-size", "1e-3", "--num-chains", "8", "--num-draws", "40", "--num-burnin", "20", "--batch-size",
+            "16", "--devices", "4", "--quiet", "--no-check-step"]
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([*argv, "--out", "one"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    monkeypatch.chdir(tmp_path)  # the launcher's processes start here
+    results = launch.launch([*argv, "--out", "two"], 2, timeout=300, cpu_devices=2, env=env, output=io.StringIO())
+    assert [status for status, _, _ in results] == [0, 0], [text[-2000:] for _, _, text in results]
+    single, joint = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two"))
+    np.testing.assert_allclose(joint["llc_per_chain"], single["llc_per_chain"], rtol=1e-5, atol=1e-6)
+    assert joint["settings"]["processes"] == 2 and len(joint["settings"]["devices"]) == 4
+    assert "λ̂" in results[0][2] and "λ̂" in results[1][2]  # every process prints the complete result

@@ -41,11 +41,12 @@ def test_dln_llc_within_ten_percent_of_aoyagi(widths, rank, seed):
     lam, m = dln_learning_coefficient(widths, rank)
     assert m == 1  # multiplicity 1: no (m−1)/log nβ correction (docs/mathematics.md §6.2)
     # w* is the aligned minimal-rank teacher, where the local λ equals Aoyagi's (§3 "Local vs
-    # global"). Tolerance 10 %: 4 standard errors (≤ 4 % of λ, asserted) plus ≤ 6 % for the
-    # finite-nβ drift of m = 1 models and the step-size bias (measured −8 … +4 % on these
-    # and deeper DLNs at this ε).
+    # global"). Tolerance 10 %: 4 standard errors of the chain spread (≤ 4 % of λ, asserted)
+    # plus ≤ 6 % for the finite-nβ drift of m = 1 models and the step-size bias (measured
+    # −8 … +4 % on these and deeper DLNs at this ε). llc_se itself is wider where the draws
+    # still trend: it adds the burn-in bias the run cannot rule out (not what this test measures).
     r = dln_estimate(widths, rank, seed)
-    assert r.llc_se < 0.04 * float(lam), r.llc_se
+    assert r.uncertainty["chains"] < 0.04 * float(lam), r.uncertainty
     assert abs(r.llc_mean / float(lam) - 1) < 0.10, (r.llc_mean, r.llc_se, float(lam))
     assert r.diverged_chains == []
 

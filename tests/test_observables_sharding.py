@@ -6,9 +6,7 @@ draws from fold_in(key, i) alone, so the moments — and every estimate made of 
 float rounding (XLA may fuse a vmap over one chain differently from one over eight).
 """
 
-import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
@@ -50,14 +48,8 @@ def _worker(out_path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("observables_sharding") / "results.pkl"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def runs(on_devices):
+    return on_devices(__file__, 8, "observables_sharding")
 
 
 def test_same_key_same_influence_and_susceptibilities_on_1_and_8_devices(runs):

@@ -23,11 +23,13 @@ import warnings
 from slt_jax import __version__
 from slt_jax.cli import options
 from slt_jax.cli.options import RunFailed, UsageError
+from slt_jax.job import DistributedError
+from slt_jax.job import add_arguments as add_cluster_arguments
 from slt_jax.errors import CalibrationError, DivergenceError
 
 _DEMO_OUT = "slt-jax-demo"
 # Errors that carry a message meant for the user; others are bugs and keep their traceback.
-USER_ERRORS = (ValueError, OSError, CalibrationError, DivergenceError, RunFailed)
+USER_ERRORS = (ValueError, OSError, CalibrationError, DivergenceError, RunFailed, DistributedError)
 
 _DESCRIPTIONS = {
     options.LLC: (
@@ -95,6 +97,7 @@ def _add_command(sub, command: str) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="read flags from a TOML file (the command line "
                         "overrides it); OUT/config.toml repeats a run")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    add_cluster_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,14 +136,21 @@ def _show_warning(command):
     return show
 
 
+# The multi-process flags (slt_jax.distributed.add_arguments): per process, so never in config.toml.
+_CLUSTER_FLAGS = ("coordinator", "num_processes", "process_id", "distributed", "init_timeout", "heartbeat_timeout",
+                  "check_timeout")
+
+
 def _run(args) -> int:
     from slt_jax.cli import commands
 
     if args.command == "demo":
         return commands.demo(args)
-    given = {name: value for name, value in vars(args).items() if name not in ("command", "config", "debug")}
+    cluster = {name: getattr(args, name, None) for name in _CLUSTER_FLAGS}
+    given = {name: value for name, value in vars(args).items()
+             if name not in ("command", "config", "debug", *_CLUSTER_FLAGS)}
     values = options.resolve(args.command, given, getattr(args, "config", None))
-    return commands.COMMANDS[args.command](values)
+    return commands.COMMANDS[args.command]({**values, "cluster": argparse.Namespace(**cluster)})
 
 
 def main(argv=None) -> int:

@@ -53,32 +53,44 @@ def requested_devices(values: dict) -> int | None:
     return values.get("devices")
 
 
-def start_jax(values: dict):
-    """Import JAX — first exposing the CPU devices ``--devices``/``--mesh`` ask for, where that
-    is still possible — and return the ``mesh``/``devices`` keywords of the library call.
+def start_jax(values: dict, cluster=None):
+    """Start JAX — first exposing the CPU devices ``--devices``/``--mesh`` ask for, where that
+    is still possible, and joining the multi-process job ``cluster`` (the flags of
+    :func:`slt_jax.distributed.add_arguments`) when it names one — and return the
+    ``mesh``/``devices`` keywords of the library call.
 
-    A CPU host has one JAX device unless ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-    is set before JAX starts: the command sets it when more devices are asked for, the
-    platform is the CPU, JAX has not started yet and ``XLA_FLAGS`` sets no count of its own.
+    A CPU host has one JAX device unless asked for more before JAX's backend starts: the command
+    sets ``jax_num_cpu_devices`` when more devices are asked for, the platform is the CPU and
+    ``XLA_FLAGS`` sets no count of its own. Across processes the devices are global: each of the
+    P processes exposes ``N / P`` of them.
     """
     count = requested_devices(values)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count is not None and count > 1 and "jax" not in sys.modules and _DEVICE_COUNT_FLAG not in flags \
-            and _cpu_platform():
-        os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={count}".strip()
     import jax
 
+    from slt_jax import distributed
+    from slt_jax.distributed import NUM_PROCESSES_ENV
+
+    processes = None if cluster is None else cluster.num_processes or int(os.environ.get(NUM_PROCESSES_ENV, 0))
+    local = count if count is None or not processes else max(1, count // processes)
+    if local is not None and local > 1 and _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", "") \
+            and "JAX_NUM_CPU_DEVICES" not in os.environ and _cpu_platform():
+        try:
+            jax.config.update("jax_num_cpu_devices", local)
+        except RuntimeError:  # the backend already runs: the count check below says what is there
+            pass
+    if cluster is not None:
+        distributed.initialize_from_args(cluster)
     if values.get("dtype") == "float64":
         jax.config.update("jax_enable_x64", True)
     if count is None:
         return {}
-    available = jax.local_devices()
+    available = jax.devices()  # every process's devices in a multi-process job
     if count > len(available):
         flag = f"--devices {count}" if values.get("mesh") is None else "--mesh " + ",".join(map(str, values["mesh"]))
         raise UsageError(
-            f"{flag} asks for {count} devices, JAX has {len(available)} ({available[0].platform}). On a CPU host, "
-            f"set XLA_FLAGS={_DEVICE_COUNT_FLAG}={count} before JAX starts (slt-jax does so itself unless JAX "
-            f"is already running or XLA_FLAGS already sets a device count)")
+            f"{flag} asks for {count} devices, JAX has {len(available)} ({available[0].platform}). On a CPU host "
+            f"slt-jax exposes them itself unless XLA_FLAGS sets a device count of its own ({_DEVICE_COUNT_FLAG}); "
+            f"on accelerators, give at most the devices the job has")
     if values.get("mesh") is not None:
         from slt_jax.runner.sharding import make_mesh
 
@@ -188,7 +200,7 @@ def prepare(command: str, values: dict) -> tuple[dict, Path, dict]:
         if spec and spec.rpartition(":")[0].endswith(".py"):
             module, _, attribute = spec.rpartition(":")
             values[name] = f"{local_path(module)}:{attribute}"
-    placement = start_jax(values)
+    placement = start_jax(values, values.pop("cluster", None))
     out = Path(values["out"])
     out.mkdir(parents=True, exist_ok=True)
     options.write_config(out / "config.toml", command, values, __version__)

@@ -35,6 +35,9 @@ class RunConfig(NamedTuple):
       mesh: the device mesh the chains (and data) are sharded over (see
         :mod:`slt_jax.runner.sharding`); ``None`` for the first device.
       observe: what each draw observes beside the loss (:class:`Observation`), or ``None``.
+      param_specs: how w* and each chain's parameter-shaped state lie over the mesh's
+        ``"model"`` axis (:class:`slt_jax.runner.sharding.ParamSpecs`); ``None`` for the
+        default layout of :func:`slt_jax.runner.sharding.param_specs`.
     """
 
     loss_fn: Callable
@@ -45,6 +48,7 @@ class RunConfig(NamedTuple):
     eval_batch_size: int
     mesh: Any = None
     observe: Observation | None = None
+    param_specs: Any = None
 
 
 class ChainState(NamedTuple):
@@ -76,10 +80,32 @@ class Draws(NamedTuple):
     observed: Any = None
 
 
-def _step(config, kernel, posterior, divergence, data, chain_key, state, t):
-    """One sampler step of one chain at global step ``t``; also returns the loss and batch."""
-    key_batch, key_step = jax.random.split(jax.random.fold_in(chain_key, t))
-    batch, rows = sharding.minibatch(key_batch, data, config.batch_size, config.mesh)
+class Fed(NamedTuple):
+    """Minibatches gathered on the host for a chunk of steps (streamed data,
+    :mod:`slt_jax.runner.feed`): for one chain, ``batch`` leaves of shape ``(steps, batch, …)``
+    and ``rows``, their indices into this data shard's rows ``(steps, batch)`` — the rows
+    :func:`_step` would have drawn from data on device."""
+
+    batch: PyTree
+    rows: jax.Array
+
+
+def step_keys(chain_key, t):
+    """``(key_batch, key_step)`` of step ``t``: the minibatch's rows and the kernel's noise."""
+    return jax.random.split(jax.random.fold_in(chain_key, t))
+
+
+def _step(config, kernel, posterior, divergence, data, chain_key, state, t, fed=None):
+    """One sampler step of one chain at global step ``t``; also returns the loss and batch.
+
+    The minibatch is drawn from ``data`` on device, or — for streamed data — read from ``fed``,
+    this step's rows gathered on the host from the same draw (:mod:`slt_jax.runner.feed`).
+    """
+    key_batch, key_step = step_keys(chain_key, t)
+    if fed is None:
+        batch, rows = sharding.minibatch(key_batch, data, config.batch_size, config.mesh)
+    else:
+        batch, rows = fed.batch, fed.rows
     loss, grad = jax.value_and_grad(_global_loss(config))(state.kernel_state.position, batch)
     kernel_state, info = kernel.step(key_step, state.kernel_state, grad)
     runaway = posterior.nbeta * (loss - divergence.ref_loss) > divergence.threshold
@@ -139,55 +165,51 @@ class ChainInputs(NamedTuple):
 
 
 class Chain(NamedTuple):
-    """Everything one chain's steps close over (its slice of :class:`ChainInputs`)."""
+    """Everything one chain's steps close over: the static config and its slice of
+    :class:`ChainInputs` (one value per chain where the run has one per chain)."""
 
     config: RunConfig
-    step_size: jax.Array
-    posterior: LocalPosterior
-    divergence: Divergence
-    data: PyTree
-    eval_data: PyTree
-    mask_index: Any = None
-    observed: Observed | None = None
-    center_losses: Any = None
+    inputs: ChainInputs
 
     def chain_posterior(self) -> LocalPosterior:
         """The posterior this chain samples (its own mask, when masks are stacked)."""
-        if self.mask_index is None or self.posterior.mask is None:
-            return self.posterior
-        return self.posterior._replace(mask=jax.tree.map(lambda m: m[self.mask_index], self.posterior.mask))
+        if self.inputs.mask_index is None or self.inputs.posterior.mask is None:
+            return self.inputs.posterior
+        return self.inputs.posterior._replace(mask=jax.tree.map(lambda m: m[self.inputs.mask_index], self.inputs.posterior.mask))
 
     def kernel(self):
-        return self.config.kernel.build(self.step_size, self.chain_posterior())
+        return self.config.kernel.build(self.inputs.step_size, self.chain_posterior())
 
-    def advance(self, chain_key, state, start, num_steps, num_burnin, total):
+    def advance(self, chain_key, state, start, num_steps, num_burnin, total, fed: Fed | None = None):
         """Steps ``start … start+num_steps−1`` of one chain, with a record per step.
 
         The record is real at draw steps — the last step of each ``steps_per_draw`` block
         after ``num_burnin`` — and zeros elsewhere; steps ≥ ``total`` only pad the last chunk.
         One scan body holds the step and the measurement once, which keeps compilation short.
+        With ``fed`` (streamed data) the scan also walks over its batches, one per step.
         """
         config, posterior = self.config, self.chain_posterior()
-        step = partial(_step, config, self.kernel(), posterior, self.divergence, self.data, chain_key)
+        step = partial(_step, config, self.kernel(), posterior, self.inputs.divergence, self.inputs.data, chain_key)
         spd = config.steps_per_draw
         observe = config.observe
 
-        def body(state, t):
+        def body(state, xs):
+            t, fed_t = xs
             is_draw = (t >= num_burnin) & ((t - num_burnin) % spd == spd - 1)
 
             def live(state):
                 position = state.kernel_state.position
-                state, (loss, batch, rows, info) = step(state, t)
+                state, (loss, batch, rows, info) = step(state, t, fed_t)
 
                 def measure(moments):
                     key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
                     batch_loss, center_loss = _measure(config, posterior, key, position, batch, rows, loss,
-                                                       self.eval_data, self.center_losses)
+                                                       self.inputs.eval_data, self.inputs.center_losses)
                     observed = None
                     if observe is not None:
                         # The draw's own loss record relative to w*, for observables built on it.
-                        own = batch_loss - (self.divergence.ref_loss if center_loss is None else center_loss)
-                        moments, observed = observe_draw(observe, moments, position, self.observed, key, own,
+                        own = batch_loss - (self.inputs.divergence.ref_loss if center_loss is None else center_loss)
+                        moments, observed = observe_draw(observe, moments, position, self.inputs.observed, key, own,
                                                          (t - num_burnin) // spd)
                     record = Draws(batch_loss, center_loss, posterior.sq_distance(position), info,
                                    observed if observe is not None and observe.record else None)
@@ -206,7 +228,7 @@ class Chain(NamedTuple):
             # real branches, so padded steps and non-draw steps cost nothing.
             return jax.lax.cond(t < total, live, lambda s: (s, zeros_like_shapes(record_shapes)), state)
 
-        return jax.lax.scan(body, state, start + jnp.arange(num_steps, dtype=jnp.int32))
+        return jax.lax.scan(body, state, (start + jnp.arange(num_steps, dtype=jnp.int32), fed))
 
 
 def zeros_like_shapes(shapes):

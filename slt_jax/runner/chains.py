@@ -3,7 +3,15 @@ and vmapped on each, chunked lax.scan (one chain's program: :mod:`slt_jax.runner
 
 Chain ``i`` draws every random number from ``fold_in(key, i)`` and step ``t`` of it from
 ``fold_in(chain_key, t)``, so its trace depends only on the root key, its index and the
-settings — not on how many chains run beside it, nor on how the run is chunked.
+settings — not on how many chains run beside it, on how many devices or processes they are
+split over, nor on how the run is chunked.
+
+The same driver runs on one device, on a mesh of one process, and on a mesh spanning processes
+(:mod:`slt_jax.distributed`): inputs are placed with :func:`slt_jax.runner.sharding.put`, each
+chain's state follows w*'s layout over the ``"model"`` axis
+(:func:`slt_jax.runner.sharding.state_shardings`), and each chunk's draws come back to every
+process with :func:`slt_jax.runner.sharding.to_host`. Streamed data
+(:mod:`slt_jax.data.streaming`) are fed chunk by chunk by :class:`slt_jax.runner.feed.Feeder`.
 """
 
 import math
@@ -15,9 +23,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from slt_jax import distributed, validation
+from slt_jax.data.streaming import is_streamed
 from slt_jax.keys import chain_keys
 from slt_jax.results import Sampled
-from slt_jax.runner import sharding
+from slt_jax.runner import feed, sharding
 from slt_jax.runner.chain import CHAIN_AXES, Chain, ChainInputs, ChainState, RunConfig, input_specs, per_chain
 from slt_jax.runner.divergence import Divergence
 from slt_jax.runner.observation import Observation, Observed, zero_moments
@@ -46,7 +56,7 @@ def setup(problem, kernel: KernelFactory, run, step_size, *, nbeta=None, localiz
     """
     dtype = problem.precision.dtype
     config = RunConfig(problem.loss_fn, kernel, problem.batch_size, run.steps_per_draw, run.loss_estimator,
-                       problem.eval_batch_size, problem.mesh, observation)
+                       problem.eval_batch_size, problem.mesh, observation, problem.param_specs)
     if threshold is None:
         threshold = problem.divergence_threshold(run)
     posterior = problem.posterior(nbeta, localization)
@@ -81,8 +91,9 @@ def _jitted(observation: Observation):
 
 @partial(jax.jit, static_argnames=("config", "num_chains"))
 def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> ChainState:
-    """Every chain starts at w* (the kernel's own initial state around it), with empty moments."""
-    init = lambda inp: Chain(config, *inp).kernel().init(inp.posterior.center)
+    """Every chain starts at w* (the kernel's own initial state around it), with empty moments;
+    laid out over the mesh as :func:`slt_jax.runner.sharding.state_shardings` says."""
+    init = lambda inp: Chain(config, inp).kernel().init(inp.posterior.center)
     kernel_state = jax.vmap(init, in_axes=(CHAIN_AXES,))(inputs)
     moments = None
     if config.observe is not None:
@@ -90,28 +101,35 @@ def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> Chai
         dtype = jax.tree.leaves(inputs.posterior.center)[0].dtype
         one = zero_moments(config.observe, shapes, dtype)
         moments = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_chains, *x.shape)), one)
-    return ChainState(kernel_state, jnp.full((num_chains,), -1, jnp.int32), moments)
+    state = ChainState(kernel_state, jnp.full((num_chains,), -1, jnp.int32), moments)
+    if config.mesh is None:
+        return state
+    return jax.lax.with_sharding_constraint(state, sharding.state_shardings(config.mesh, state, config.param_specs))
 
 
 @partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnames=("state",))
-def _advance(config, inputs, num_steps, chain_keys, state, start, num_burnin, total):
-    """``num_steps`` steps of every chain: each device vmaps its own block of chains."""
+def _advance(config, inputs, num_steps, chain_keys, state, start, num_burnin, total, fed=None):
+    """``num_steps`` steps of every chain: each device vmaps its own block of chains (reading
+    its minibatches from ``fed`` when the data are streamed)."""
 
-    def local(inputs, chain_keys, state, start, num_burnin, total):
-        run = lambda inp, k, s: Chain(config, *inp).advance(k, s, start, num_steps, num_burnin, total)
+    def local(inputs, chain_keys, state, start, num_burnin, total, fed):
+        run = lambda inp, k, s, f: Chain(config, inp).advance(k, s, start, num_steps, num_burnin, total, f)
         if chain_keys.shape[0] > 1:
-            return jax.vmap(run, in_axes=(CHAIN_AXES, 0, 0))(inputs, chain_keys, state)
+            return jax.vmap(run, in_axes=(CHAIN_AXES, 0, 0, 0))(inputs, chain_keys, state, fed)
         # One chain on this device: run it unbatched, since a vmap over one chain keeps
         # batched matmuls (a few per cent slower for a 1M-parameter MLP on CPU).
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)
         inputs = jax.tree.map(lambda axis, sub: sub if axis is None else first(sub), CHAIN_AXES, inputs,
                               is_leaf=lambda x: x is None)
-        return jax.tree.map(lambda x: x[None], run(inputs, chain_keys[0], first(state)))
+        return jax.tree.map(lambda x: x[None], run(inputs, chain_keys[0], first(state), first(fed)))
 
     chains, scalar = sharding.chain_spec(config.mesh), sharding.REPLICATED
-    in_specs = (input_specs(config.mesh), chains, chains, scalar, scalar, scalar)
+    in_specs = (input_specs(config.mesh), chains, chains, scalar, scalar, scalar, feed.fed_spec(config.mesh))
     run = sharding.shard_chains(local, config.mesh, in_specs, chains)
-    return run(inputs, chain_keys, state, start, num_burnin, total)
+    state, record = run(inputs, chain_keys, state, start, num_burnin, total, fed)
+    # The carry keeps the layout it came in with, so its buffers are donated to the next chunk.
+    return jax.lax.with_sharding_constraint(state, sharding.state_shardings(config.mesh, state, config.param_specs)), \
+        record
 
 
 def plan_chunks(total: int, chunk_size: int | None = None):
@@ -165,45 +183,104 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     if start < 0 or (start > 0) != (state is not None):
         raise ValueError(f"start={start} must be 0 with a fresh run and the steps already run with state")
     mesh = sharding.resolve_mesh(config.mesh)
-    config = config._replace(mesh=mesh)
+    specs = config.param_specs or sharding.param_specs(inputs.posterior.center, mesh)
+    config = config._replace(mesh=mesh, param_specs=specs)
+    streamed = inputs.data if is_streamed(inputs.data) else None
+    inputs = inputs._replace(data=None) if streamed is not None else inputs
     padded = sharding.padded_num_chains(num_chains, mesh)
+    distributed.check_consistent("run_chains", lambda: {
+        "key": validation.key_data(key), "chains": [num_chains, padded], "steps": [num_burnin, num_draws, spd, start],
+        "chunk_size": chunk_size, "config": _config_record(config), "inputs": _inputs_record(inputs)})
     on_chains = NamedSharding(mesh, sharding.chain_spec(mesh))
-    keys = jax.device_put(chain_keys(key, padded), on_chains)
-    specs = input_specs(mesh)
-    placement = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                             is_leaf=lambda x: isinstance(x, PartitionSpec))
-    inputs = jax.device_put(per_chain(inputs, num_chains, padded), placement)
+    keys = _chain_keys(key, padded, on_chains)
+    inputs = sharding.put(per_chain(inputs, num_chains, padded), _input_shardings(mesh, specs, inputs))
     if state is None:
         state = init_chains(config, inputs, padded)
     elif padded > num_chains:
         pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], padded - num_chains, axis=0)])
         state = jax.tree.map(pad, state)
-    state = jax.device_put(state, on_chains)
+    state = sharding.put(state, sharding.state_shardings(mesh, state, specs))
     count, size = plan_chunks(total_steps, chunk_size)
+    feeder = None
+    if streamed is not None:
+        feeder = feed.Feeder(streamed, keys, config.batch_size, mesh)
+        if chunk_size is None and total_steps:
+            size = feeder.steps_per_chunk(size)
+            count = math.ceil(total_steps / size)
     draw_steps = num_burnin + spd - 1 + spd * np.arange(num_draws)  # counted from ``start``
 
     def fetch(i, record):
         # Keep only this chunk's draw steps of the real chains, on the host: device memory
         # stays one chunk.
         local = draw_steps[(draw_steps >= i * size) & (draw_steps < (i + 1) * size)] - i * size
-        return jax.tree.map(lambda x: np.asarray(x)[:num_chains, local], record)
+        return jax.tree.map(lambda x: x[:num_chains, local], sharding.to_host(record))
 
     records, pending = [], None
-    with tqdm(total=total_steps, disable=None if progress else True, desc="sampling",
-              unit="step", leave=False) as bar:
-        for i in range(count + 1):
-            if i < count:  # dispatch chunk i before fetching chunk i−1: the device never waits
-                state, record = _advance(config, inputs, size, keys, state, jnp.int32(start + i * size),
-                                         jnp.int32(start + num_burnin), jnp.int32(start + total_steps))
-            if pending is not None:
-                fetched = fetch(*pending)
-                records.append(fetched if sink is None else sink(fetched))
-                bar.update(min(size, total_steps - pending[0] * size))
-            pending = (i, record) if i < count else None
+    try:
+        fed_next = feeder.start(start, size) if feeder is not None and count else None
+        with tqdm(total=total_steps, disable=None if progress else True, desc="sampling",
+                  unit="step", leave=False) as bar:
+            for i in range(count + 1):
+                if i < count:  # dispatch chunk i before fetching chunk i−1: the device never waits
+                    fed = None if fed_next is None else fed_next()
+                    if feeder is not None and i + 1 < count:  # its indices go before chunk i's program
+                        fed_next = feeder.start(start + (i + 1) * size, size)
+                    state, record = _advance(config, inputs, size, keys, state, jnp.int32(start + i * size),
+                                             jnp.int32(start + num_burnin), jnp.int32(start + total_steps), fed)
+                if pending is not None:
+                    fetched = fetch(*pending)
+                    records.append(fetched if sink is None else sink(fetched))
+                    bar.update(min(size, total_steps - pending[0] * size))
+                pending = (i, record) if i < count else None
+    finally:
+        if feeder is not None:
+            feeder.close()
     draws = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *records)
     if padded > num_chains:
         state = jax.tree.map(lambda x: x[:num_chains], state)
     return state, draws
+
+
+def _chain_keys(key, num_chains: int, on_chains):
+    """The chain keys, computed on the mesh (a local key array cannot be put on a mesh that
+    spans processes)."""
+    return jax.jit(chain_keys, static_argnums=1, out_shardings=on_chains)(key, num_chains)
+
+
+def _input_shardings(mesh, specs: sharding.ParamSpecs, inputs: ChainInputs) -> ChainInputs:
+    """Where each input lies: :func:`input_specs` over the manual axes, w* and the masks also
+    over ``"model"`` as ``specs`` says (stacked masks behind their leading axis)."""
+    placement = jax.tree.map(lambda spec: NamedSharding(mesh, spec), input_specs(mesh),
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
+    center = specs.treedef.unflatten([NamedSharding(mesh, spec) for spec in specs.specs])
+    mask = inputs.posterior.mask
+    if mask is not None:
+        stacked = inputs.mask_index is not None
+        mask = specs.treedef.unflatten([NamedSharding(mesh, PartitionSpec(None, *spec) if stacked else spec)
+                                        for spec in specs.specs])
+    return placement._replace(posterior=placement.posterior._replace(center=center, mask=mask))
+
+
+def _config_record(config: RunConfig) -> dict:
+    """What of a run's static config every process must share (for the consistency check)."""
+    return {"kernel": config.kernel.name, "batch_size": config.batch_size, "steps_per_draw": config.steps_per_draw,
+            "loss_estimator": config.loss_estimator, "eval_batch_size": config.eval_batch_size,
+            "mesh": dict(config.mesh.shape), "observe": config.observe is not None,
+            "param_specs": [str(spec) for spec in config.param_specs.specs]}
+
+
+def _inputs_record(inputs: ChainInputs) -> dict:
+    """Shapes and a hash of every input (the data by shape and a sample of rows)."""
+    record = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(inputs._replace(data=None, eval_data=None)):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            record[jax.tree_util.keystr(path)] = [list(leaf.shape), str(leaf.dtype)]
+        else:
+            record[jax.tree_util.keystr(path)] = distributed.fingerprint(np.asarray(leaf).tolist()) \
+                if np.size(leaf) <= 4096 else [list(np.shape(leaf)), str(leaf.dtype)]
+    record["data"] = distributed.data_fingerprint(inputs.data) if inputs.data is not None else None
+    record["eval_data"] = distributed.data_fingerprint(inputs.eval_data) if inputs.eval_data is not None else None
+    return record
 
 
 def sample(problem, kernel: KernelFactory, run, key, *, step_size, progress=True) -> Sampled:
@@ -220,6 +297,6 @@ def sample(problem, kernel: KernelFactory, run, key, *, step_size, progress=True
 
 def sampled_of(state: ChainState, draws, step_size, run) -> Sampled:
     """The :class:`~slt_jax.results.Sampled` record of a finished run (moments on the host)."""
-    moments = None if state.moments is None else jax.tree.map(np.asarray, state.moments)
-    return Sampled(draws, np.asarray(state.diverged_at), state.kernel_state.position, float(step_size), run,
+    moments = None if state.moments is None else sharding.to_host(state.moments)
+    return Sampled(draws, sharding.to_host(state.diverged_at), state.kernel_state.position, float(step_size), run,
                    moments=moments)

@@ -136,6 +136,7 @@ def sample(problem, run, key, *, step_size, progress=True) -> Sampled:
       mean acceptance probability, divergent transitions and leapfrog steps per draw.
     """
     run.require_draws(4, "split R-hat needs them")
+    problem.require_resident("sampler='nuts'")
     chunk = min(problem.n, max(problem.batch_size, DEFAULT_BATCH_SIZE))
     draws = sample_nuts(problem.loss_fn, problem.params, problem.data, key, nbeta=problem.nbeta,
                         localization=problem.localization, num_chains=run.num_chains, num_warmup=run.num_burnin,

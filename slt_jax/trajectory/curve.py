@@ -15,6 +15,7 @@ import numpy as np
 
 from slt_jax.curves.early_warning import EarlyWarning, early_warning
 from slt_jax.curves.stages import Stages, detect_stages
+from slt_jax.distributed import is_primary
 from slt_jax.paths import local_path
 from slt_jax.serialization import dump_json, json_safe
 
@@ -160,7 +161,7 @@ class LLCCurve:
                                 boundaries=None if stages is None else stages.boundaries, title=title)
         for event in events:
             fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
-        if path is not None:
+        if path is not None and is_primary():  # one writer in a multi-process run
             fig.savefig(local_path(path), format="png", dpi=120)
         return fig
 
@@ -204,7 +205,7 @@ class LLCCurve:
                     ax.set_xscale("symlog", linthresh=1.0)
         for event in events:
             fig.axes[0].axvline(event, color="C2", linewidth=0.8, linestyle=":")
-        if path is not None:
+        if path is not None and is_primary():  # one writer in a multi-process run
             fig.savefig(local_path(path), format="png", dpi=120)
         return fig
 
@@ -228,10 +229,12 @@ class LLCCurve:
 
         Returns:
           The written paths by kind (``csv``, ``json``, ``plot``, ``early_warning``), a dict
-          whose ``skipped`` attribute maps each skipped kind to why.
+          whose ``skipped`` attribute maps each skipped kind to why. In a multi-process run only
+          process 0 writes; the others return the same paths.
         """
         out = local_path(out_dir, "out_dir")
-        out.mkdir(parents=True, exist_ok=True)
+        if is_primary():
+            out.mkdir(parents=True, exist_ok=True)
         paths = WrittenFiles(csv=out / "llc_curve.csv", json=out / "llc_curve.json")
         self.to_csv(paths["csv"])
         document = self.to_dict()
@@ -295,7 +298,10 @@ class LLCCurve:
         return dump_json(self.to_dict(), path, indent=1)
 
     def to_csv(self, path) -> None:
-        """Write the rows as CSV with the columns in :attr:`columns` (empty cell for NaN)."""
+        """Write the rows as CSV with the columns in :attr:`columns` (empty cell for NaN; process 0
+        only in a multi-process run)."""
+        if not is_primary():
+            return
         with open(path, "w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=self.columns)
             writer.writeheader()

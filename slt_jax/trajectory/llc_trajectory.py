@@ -27,6 +27,13 @@ calibrated at every checkpoint (``calibrate_at="each"``, the default: early chec
 initialisation and late ones differ in curvature by orders of magnitude) or once, at one
 checkpoint's parameters (``calibrate_at=step``), whose :class:`~slt_jax.Calibration` every
 checkpoint then uses; each row records the step size it ended with and where it was calibrated.
+
+Across processes (:mod:`slt_jax.distributed`) every process restores each checkpoint onto the
+mesh (replicated; Orbax's multi-process restore) and runs the same estimates; process 0 reads
+the results store and shares its finished steps with the others — so every process skips the
+same steps, whatever filesystem the others see — and writes each new row; checkpoints are not
+prefetched on a background thread there (its restores would interleave with the estimates'
+cross-process collectives in an order the processes do not share).
 """
 
 import math
@@ -35,6 +42,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from slt_jax import settings as settings_lib
 from slt_jax import masks, validation
@@ -44,6 +52,7 @@ from slt_jax.estimators.llc import escaped_chains, llc_statistics
 from slt_jax.paths import checkpoint_path
 from slt_jax.posterior import default_nbeta
 from slt_jax.problem import make_problem
+from slt_jax.runner import sharding
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
@@ -122,6 +131,7 @@ def llc_trajectory(
     param_mask=None,
     mesh=None,
     devices=None,
+    param_specs=None,
     run: RunSettings | None = None,
     auto: AutoSettings | None = None,
     precision: Precision | None = None,
@@ -157,10 +167,10 @@ def llc_trajectory(
         a rerun with the same path skips finished steps, and refuses to continue if any
         setting differs (see :class:`slt_jax.trajectory.store.ResultsStore`).
       on_row: called with each newly computed row, after it is stored.
-      prefetch: restore the next checkpoint while the current one samples.
+      prefetch: restore the next checkpoint while the current one samples (in one process).
       progress: show a progress bar over checkpoints (checkpoint i/N, its step, an ETA).
-      sampler, eval_data, param_mask, mesh, devices, run, auto, precision, **options: as for
-        :func:`slt_jax.estimate_llc`.
+      sampler, eval_data, param_mask, mesh, devices, param_specs, run, auto, precision, **options:
+        as for :func:`slt_jax.estimate_llc`; checkpoints are restored onto the mesh.
       calibrate_at: with a calibrated ``step_size``: ``"each"`` (calibrate at every
         checkpoint) or a checkpoint step (calibrate once there; every row uses that
         :class:`~slt_jax.Calibration`).
@@ -189,9 +199,10 @@ def llc_trajectory(
                              f"{str(checkpoint_dir)!r} (it holds {available})")
     settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
                          eval_data, param_mask, run, auto, precision, calibrate_at)
+    mesh = sharding.resolve_mesh(mesh, devices)
     estimate = dict(localization=localization, nbeta=nbeta, sampler=sampler, eval_data=eval_data,
-                    param_mask=param_mask, mesh=mesh, devices=devices, run=run, auto=auto, precision=precision,
-                    progress=False)
+                    param_mask=param_mask, mesh=mesh, param_specs=param_specs, run=run, auto=auto,
+                    precision=precision, progress=False)
     chosen, results = {"step_size": step_size}, {}
 
     def before(template):
@@ -208,6 +219,7 @@ def llc_trajectory(
 
     rows = checkpoint_rows(checkpoint_dir, compute, settings=settings, steps=steps, item=item, select=select,
                            template=template, results_path=results_path, on_row=on_row, prefetch=prefetch,
+                           sharding=_restore_sharding(mesh),
                            progress=progress, before=before, describe=lambda row: f"λ̂ = {row['llc_mean']:.3g}")
     return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings,
                     results=results or None)
@@ -217,12 +229,19 @@ def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, se
     """The :class:`Calibration` at checkpoint ``step``'s parameters, with the key that
     ``estimate_llc(step_size="auto")`` would use there."""
     _, params = next(iter(CheckpointTrajectory(checkpoint_dir, template=template, item=item, select=select,
-                                               steps=[step], prefetch=False)))
+                                               steps=[step], sharding=_restore_sharding(estimate["mesh"]),
+                                               prefetch=False)))
     problem = make_problem(loss_fn, params, data, localization=estimate["localization"], nbeta=estimate["nbeta"],
                            eval_data=estimate["eval_data"], param_mask=estimate["param_mask"], mesh=estimate["mesh"],
-                           devices=estimate["devices"], precision=estimate["precision"], run=estimate["run"])
+                           param_specs=estimate["param_specs"], precision=estimate["precision"], run=estimate["run"])
     return calibration_for(problem, get_kernel(sampler), estimate["run"], estimate["auto"],
                            jax.random.fold_in(key, step), "auto", progress=progress)
+
+
+def _restore_sharding(mesh):
+    """Where checkpoints are restored: replicated over the run's mesh (every process holds its
+    devices' copies; :func:`slt_jax.problem.make_problem` then lays w* out over ``"model"``)."""
+    return NamedSharding(mesh, sharding.REPLICATED)
 
 
 def _from_store(row: Mapping) -> dict:

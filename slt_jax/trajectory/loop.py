@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from slt_jax import distributed
 from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template, list_steps
 from slt_jax.trajectory.store import ResultsStore
 
@@ -31,7 +32,8 @@ def wanted_steps(checkpoint_dir, steps: Sequence[int] | None) -> list[int]:
 
 def checkpoint_rows(checkpoint_dir, compute: Callable, *, settings: dict, steps: Sequence[int] | None = None,
                     item=None, select=None, template=None, results_path=None, on_row=None, prefetch=True,
-                    progress=True, before: Callable | None = None, describe: Callable | None = None) -> dict:
+                    progress=True, before: Callable | None = None, describe: Callable | None = None,
+                    sharding=None) -> dict:
     """One row per checkpoint step, computed or read back from the store.
 
     Args:
@@ -42,13 +44,17 @@ def checkpoint_rows(checkpoint_dir, compute: Callable, *, settings: dict, steps:
         :func:`slt_jax.llc_trajectory`.
       before: called once with the parameter template before the first computed step.
       describe: ``describe(row) -> str`` for the progress bar after a step.
+      sharding: where checkpoints are restored (default: Orbax's choice on this process).
+
+    Across processes (:mod:`slt_jax.distributed`) process 0 alone opens and writes the store; the
+    others receive its finished rows, so every process skips the same steps. Prefetching is off
+    there: every process must restore the same checkpoint in the same order.
 
     Returns:
       ``{step: row}`` for every wanted step, in step order.
     """
     wanted = wanted_steps(checkpoint_dir, steps)
-    store = None if results_path is None else ResultsStore(results_path, settings)
-    rows = {} if store is None else {s: r for s, r in store.completed().items() if s in wanted}
+    store, rows = (None, {}) if results_path is None else _open_store(results_path, settings, wanted)
     todo = [s for s in wanted if s not in rows]
     if todo:
         if template is None:
@@ -56,7 +62,7 @@ def checkpoint_rows(checkpoint_dir, compute: Callable, *, settings: dict, steps:
         if before is not None:
             before(template)
         trajectory = CheckpointTrajectory(checkpoint_dir, template=template, item=item, select=select, steps=todo,
-                                          prefetch=prefetch)
+                                          sharding=sharding, prefetch=prefetch and not distributed.is_distributed())
         with tqdm(total=len(wanted), initial=len(rows), disable=None if progress else True, desc="checkpoints",
                   unit="ckpt") as bar:
             for step, params in trajectory:
@@ -71,3 +77,17 @@ def checkpoint_rows(checkpoint_dir, compute: Callable, *, settings: dict, steps:
                     bar.set_postfix_str(f"step {step}: {describe(row)}")
                 bar.update(1)
     return {s: rows[s] for s in wanted}
+
+
+def _open_store(results_path, settings, wanted):
+    """``(store, finished rows by step)``: process 0 opens (or creates) the store and reads its
+    rows among ``wanted``, and every process receives them; the store object is process 0's
+    alone (``None`` elsewhere: nothing else writes)."""
+    opened = {}
+
+    def read():
+        opened["store"] = ResultsStore(results_path, settings)
+        return [row for step, row in opened["store"].completed().items() if step in wanted]
+
+    rows = distributed.from_primary(read, "results store")
+    return opened.get("store"), {int(row["step"]): row for row in rows}

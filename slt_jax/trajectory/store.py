@@ -8,7 +8,8 @@ Layout of a store at `path` (a directory on the local filesystem):
 Every file is written atomically (temporary file in the same directory, fsync,
 `os.replace`, fsync of the directory), so a process killed mid-write loses at most the
 step it was writing; the stray temporary files it may leave (`.step_*.tmp`) are ignored.
-One process writes to a store at a time.
+One process writes to a store at a time: in a multi-process run (slt_jax.distributed),
+process 0; the others open the store read-only.
 """
 
 import json
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from slt_jax.distributed import is_primary
 from slt_jax.paths import local_path
 from slt_jax.serialization import json_safe
 
@@ -115,6 +117,9 @@ class ResultsStore:
         Raises:
           ValueError: if `settings` is not JSON-serialisable, `path` is not a store, or
             the store was written with different settings (the message lists them).
+
+        In a multi-process run only process 0 creates and writes the store; the other
+        processes check and read what exists.
         """
         if not isinstance(settings, Mapping):
             raise ValueError(f"settings must be a dict, got {type(settings).__name__}")
@@ -134,6 +139,8 @@ class ResultsStore:
                     "Use a new results_path (or delete this one) to compute with the new "
                     "settings."
                 )
+            return
+        if not is_primary():
             return
         if self.path.is_dir() and any(
             not entry.name.startswith(".") for entry in self.path.iterdir()
@@ -170,11 +177,15 @@ class ResultsStore:
         converted = json_safe(row, keep_nonfinite=True, where="row")
         if converted.get("step", step) != step:
             raise ValueError(f"row['step'] is {converted['step']!r}, but step is {step}")
+        if not is_primary():
+            return
         _write_atomically(self._row_path(step), {"step": step, **converted})
 
     def completed(self) -> dict[int, dict[str, Any]]:
         """Returns the stored rows by step (each row includes its `"step"`)."""
         rows = {}
+        if not self.path.is_dir():  # another process creates it (multi-process runs)
+            return rows
         for entry in self.path.iterdir():
             match = _ROW_FILE.match(entry.name)
             if match is not None:

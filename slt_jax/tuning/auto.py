@@ -21,6 +21,7 @@ from slt_jax import keys
 from slt_jax.errors import CalibrationWarning
 from slt_jax.estimators.llc import llc_draws
 from slt_jax.results import Sampled
+from slt_jax.runner import sharding
 from slt_jax.runner.chains import setup
 from slt_jax.settings import AutoSettings, RunSettings
 from slt_jax.tuning.equilibration import equilibration_warning
@@ -81,7 +82,7 @@ def sample_calibrated(problem, kernel, run: RunSettings, auto: AutoSettings, key
     def llc_of(draws, state):
         center = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
         per = llc_draws(np.asarray(draws.batch_loss, np.float64), problem.init_loss, nbeta, center)
-        return per, (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
+        return per, (sharding.to_host(state.diverged_at) < 0) & np.all(np.isfinite(per), axis=1)
 
     laplace, plateau = None, None
     started = time.perf_counter()
@@ -109,5 +110,5 @@ def sample_calibrated(problem, kernel, run: RunSettings, auto: AutoSettings, key
         warnings.warn(message, CalibrationWarning, stacklevel=3)
     ran = dataclasses.replace(run, num_burnin=last.num_burnin, num_draws=int(last.draws.batch_loss.shape[1]))
     record = {"calibration": calibration.summary(nbeta, localization), "equilibration": equilibration}
-    return Sampled(last.draws, np.asarray(last.state.diverged_at), last.state.kernel_state.position,
+    return Sampled(last.draws, sharding.to_host(last.state.diverged_at), last.state.kernel_state.position,
                    checked.step_size, ran, record=record)

@@ -28,7 +28,8 @@ from slt_jax import keys
 from slt_jax.errors import CalibrationWarning
 from slt_jax.estimators.llc import halves_trend, llc_draws
 from slt_jax.results import Sampled
-from slt_jax.runner.chains import run_chains, setup
+from slt_jax.runner import sharding
+from slt_jax.runner.chains import run_chains, sampled_of, setup
 from slt_jax.tuning.stiffness import stable_step_at_chains
 
 # Chains whose curvature the check measures (an even spread of indices): its cost is then
@@ -52,8 +53,7 @@ def sample_checked(problem, kernel, run, key, *, step_size: float, progress=True
     state, draws = run_chains(key, config, inputs, num_chains=run.num_chains, num_burnin=run.num_burnin,
                               num_draws=run.num_draws, chunk_size=run.chunk_size, progress=progress)
     record = check_run(problem, kernel, state, draws, key, step_size=step_size) if run.check_step else None
-    return Sampled(draws, np.asarray(state.diverged_at), state.kernel_state.position, float(step_size), run,
-                   record={"step_check": record})
+    return sampled_of(state, draws, step_size, run)._replace(record={"step_check": record})
 
 
 def check_run(problem, kernel, state, draws, key, *, step_size: float) -> dict:
@@ -61,7 +61,7 @@ def check_run(problem, kernel, state, draws, key, *, step_size: float) -> dict:
     start = time.perf_counter()
     center = None if draws.center_loss is None else np.asarray(draws.center_loss, np.float64)
     per_draw = llc_draws(np.asarray(draws.batch_loss, np.float64), problem.init_loss, problem.nbeta, center)
-    healthy = (np.asarray(state.diverged_at) < 0) & np.all(np.isfinite(per_draw), axis=1)
+    healthy = (sharding.to_host(state.diverged_at) < 0) & np.all(np.isfinite(per_draw), axis=1)
     record = {"step_size": float(step_size), "stable_step": None, "stable": None, "health": None, "trend": None,
               "trend_se": None, "trending": False}
     if not healthy.any():  # the divergence report says what happened

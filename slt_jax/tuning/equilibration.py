@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from slt_jax.estimators.llc import halves_trend
+from slt_jax.runner import sharding
 from slt_jax.runner.chain import ChainInputs, Draws, RunConfig
 from slt_jax.runner.chains import plan_chunks, run_chains
 
@@ -218,7 +219,7 @@ def equilibration_warning(run: Equilibrated, *, laplace, planned: int, step_size
                           max_plateau_extension) -> str | None:
     """Why ``run`` may not have settled, in words for a ``CalibrationWarning`` (None if it did,
     or if every chain diverged: the divergence report says so)."""
-    if np.all(np.asarray(run.state.diverged_at) >= 0) or run.equilibrated:
+    if np.all(sharding.to_host(run.state.diverged_at) >= 0) or run.equilibrated:
         return None
     cap = f"{max_plateau_extension if run.plateau else max_extension:g}× the calibrated {planned}"
     option = "max_plateau_extension" if run.plateau else "max_extension"

@@ -16,7 +16,9 @@ from typing import Callable
 import jax
 import numpy as np
 
+from slt_jax.data.batches import num_samples
 from slt_jax.estimators.laplace import laplace_llc
+from slt_jax.runner import sharding
 from slt_jax.settings import AutoSettings
 from slt_jax.tuning.equilibration import level
 
@@ -67,13 +69,15 @@ def plateau_check(problem, auto: AutoSettings, key):
       ``rows``; or ``skipped`` and why), and :func:`laplace_plateau`'s test, or None where
       there is none (a saddle whose quadratic posterior is improper, a nearly regular point).
     """
-    n, limit = problem.n, auto.laplace_rows
+    data = problem.resident_data  # streamed data: a fixed sample of rows
+    n, limit = num_samples(data), auto.laplace_rows
     rows = np.sort(np.asarray(jax.random.permutation(key, n)[:limit])) if n > limit else np.arange(n)
-    sample = jax.tree.map(lambda x: np.asarray(x[rows]), problem.data)  # gathered on device, then to the host
+    sample = sharding.to_host(jax.tree.map(lambda x: x[rows], data))  # gathered on device, then to the host
     method = "dense" if problem.num_sampled <= auto.laplace_dense_params else "lanczos"
     try:
-        value = laplace_llc(problem.user_loss_fn, problem.params, sample, localization=problem.localization,
-                            nbeta=problem.nbeta, method=method, key=jax.random.fold_in(key, 1))
+        value = laplace_llc(problem.user_loss_fn, sharding.to_host(problem.params), sample,
+                            localization=problem.localization, nbeta=problem.nbeta, method=method,
+                            key=jax.random.fold_in(key, 1))
     except (ValueError, jax.errors.JaxRuntimeError) as err:  # a saddle (improper posterior), out of memory
         return {"skipped": str(err).splitlines()[0]}, None
     record = {"llc": value.llc, "llc_se": value.llc_se, "num_stiff": value.num_stiff, "method": value.method,

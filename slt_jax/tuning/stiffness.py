@@ -22,6 +22,7 @@ import numpy as np
 from slt_jax import keys
 from slt_jax.curvature import chain_stiffness
 from slt_jax.errors import CalibrationWarning
+from slt_jax.runner import sharding
 from slt_jax.runner.chain import ChainInputs, RunConfig
 from slt_jax.tuning.equilibration import Equilibrated, run_until_equilibrated
 from slt_jax.tuning.grid import stable_step
@@ -54,7 +55,7 @@ def stable_step_at_chains(problem, kernel, kernel_state, healthy, key, *, max_ch
     stability = kernel.stability
     num_chains = healthy.shape[0]
     preconditioner = None if stability.preconditioner is None else stability.preconditioner(kernel_state)
-    h = chain_stiffness(problem.user_loss_fn, kernel_state.position, problem.data, key, param_mask=problem.mask,
+    h = chain_stiffness(problem.user_loss_fn, kernel_state.position, problem.resident_data, key, param_mask=problem.mask,
                         preconditioner=preconditioner, max_chains=max_chains)
     limits = stability.limits(kernel_state, num_chains)
     if preconditioner is None:
@@ -138,7 +139,7 @@ def run_with_step_checks(key, config: RunConfig, inputs: ChainInputs, llc_of: Ca
         state, start = run.state, start + run.num_steps
         equilibrate["chunk_size"] = run.chunk_size  # continuations reuse the compiled chunk
         segments.append(run)
-        healthy = np.asarray(state.diverged_at) < 0
+        healthy = sharding.to_host(state.diverged_at) < 0
         if not healthy.any():
             break
         # Every chain is measured (one program whatever diverged); the healthy ones count.

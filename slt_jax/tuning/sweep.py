@@ -60,9 +60,10 @@ import warnings
 import jax
 import numpy as np
 
-from slt_jax import keys, settings, validation
+from slt_jax import settings, validation
 from slt_jax.errors import CalibrationError, CalibrationWarning
 from slt_jax.estimators.diagnostics import mcse_mean
+from slt_jax.distributed import is_primary
 from slt_jax.paths import local_path
 from slt_jax.posterior import default_nbeta
 from slt_jax.problem import make_problem
@@ -217,7 +218,7 @@ class Calibration:
                         xytext=(4, -12), fontsize="x-small", color="0.3")
         ax.set_title(f"step-size calibration (nβ = {choice['nbeta']:.4g}, γ = {choice['localization']:.3g})",
                      fontsize="medium")
-        if path is not None:
+        if path is not None and is_primary():  # one writer in a multi-process run
             fig.savefig(local_path(path), format="png", dpi=120)
         return fig
 
@@ -276,7 +277,7 @@ def _pool(rows) -> dict:
 
 
 def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbeta=None, sampler="sgld",
-              param_mask=None, mesh=None, devices=None, sweep: SweepSettings | None = None,
+              param_mask=None, mesh=None, devices=None, param_specs=None, sweep: SweepSettings | None = None,
               run: RunSettings | None = None, precision: Precision | None = None, progress: bool = True,
               **options) -> Calibration:
     """Sweep step sizes (and optionally nβ, γ) in one program and recommend a step size.
@@ -298,7 +299,8 @@ def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbet
       nbeta: nβ, or a sequence to sweep; default ``n / log n``.
       sampler: an SGLD-family sampler name or :class:`~slt_jax.samplers.KernelFactory`.
       param_mask: sample only some parameters (see :func:`slt_jax.estimate_llc`).
-      mesh, devices: how the chains are split over devices (see :func:`slt_jax.estimate_llc`).
+      mesh, devices, param_specs: how the chains (and parameters) are split over devices (see
+        :func:`slt_jax.estimate_llc`).
       sweep: the sweep's :class:`~slt_jax.settings.SweepSettings` (chains per step size,
         steps, window, agreement tolerance, Metropolis check, grid).
       run: :class:`~slt_jax.settings.RunSettings`; the sweep uses its ``batch_size``,
@@ -323,7 +325,8 @@ def calibrate(loss_fn, params, data, key, *, localization, step_sizes=None, nbet
             raise ValueError(f"step_sizes has repeated values: {step_sizes}")
     validation.key_data(key)
     problem = make_problem(loss_fn, params, data, localization=localizations[0], nbeta=nbetas[0],
-                           param_mask=param_mask, mesh=mesh, devices=devices, precision=precision, run=run)
+                           param_mask=param_mask, mesh=mesh, devices=devices, param_specs=param_specs,
+                           precision=precision, run=run)
     return run_sweep(problem, get_kernel(sampler), run, sweep, key, nbetas=nbetas, localizations=localizations,
                      step_sizes=step_sizes, progress=progress)
 
@@ -344,7 +347,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     groups = []  # (setting index, ε, nβ, γ)
     for s, (nb, gamma) in enumerate(setting_pairs):
         grid = step_sizes if step_sizes is not None else default_step_sizes(
-            problem.user_loss_fn, problem.params, problem.data, key_grid, nbeta=nb, localization=gamma,
+            problem.user_loss_fn, problem.params, problem.resident_data, key_grid, nbeta=nb, localization=gamma,
             param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor,
             stability=kernel.stability)
         groups += [(s, float(eps), nb, gamma) for eps in grid]
@@ -361,8 +364,11 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
 
     mala = sweep.mala
     if mala is None:
-        mala = n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
+        mala = (n * problem.num_sampled <= sweep.mala_budget and sharding.axis_size(problem.mesh, sharding.DATA) == 1
+                and not problem.streamed)
     mala = bool(mala) and kernel.name == "sgld"
+    if mala:
+        problem.require_resident("the sweep's MALA check (mala=True)")
     groups_run = _GroupRunner(problem, kernel, run, sweep, window_start, total_time, mala, progress)
     round_start = time.perf_counter()
     rows = groups_run(groups, num_steps, steps_per_draw, key_chains, key_mala)
@@ -508,8 +514,8 @@ class _GroupRunner:
         llc_all = (np.asarray(draws.batch_loss, np.float64) - np.asarray(draws.center_loss, np.float64))
         llc_all = llc_all * np.repeat([g[2] for g in groups], num_chains)[:, None]
         draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
-        diverged_at = np.asarray(state.diverged_at).reshape(num_groups, num_chains)
-        positions = state.kernel_state.position
+        diverged_at = sharding.to_host(state.diverged_at).reshape(num_groups, num_chains)
+        positions = sharding.to_host(state.kernel_state.position) if self.mala else None
         health = self.kernel.stability.health
 
         rows = []

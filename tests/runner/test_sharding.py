@@ -10,9 +10,7 @@ reuses the compiled sharded program.
 
 import io
 import math
-import os
 import pickle
-import subprocess
 import sys
 
 import jax
@@ -159,14 +157,8 @@ def _worker(out_path):
 
 
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sharding") / "results.pkl"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def eight(on_devices):
+    return on_devices(__file__, 8, "sharding")
 
 
 def test_same_key_same_chains_on_1_4_and_8_devices(eight):

@@ -6,9 +6,7 @@ traces once for many step sizes, posteriors and keys, the update obeys strict dt
 and an estimate is the same on 1 and 4 devices (a subprocess with 4 simulated CPU devices).
 """
 
-import os
 import pickle
-import subprocess
 import sys
 
 import jax
@@ -90,6 +88,9 @@ def _worker(out_path):
     warnings.simplefilter("error")
     import slt_jax
 
+    # Short fixed-step runs: the post-run check's warnings (trend, thermostat heat) are not this test's subject.
+    warnings.filterwarnings("ignore", category=slt_jax.CalibrationWarning)
+
     assert jax.device_count() == 4
     key_x, key_w = jax.random.split(jax.random.key(0))
     x = jax.random.normal(key_x, (256, 3))
@@ -108,14 +109,8 @@ def _worker(out_path):
 
 
 @pytest.fixture(scope="module")
-def four_devices(tmp_path_factory):
-    path = tmp_path_factory.mktemp("contract") / "traces.pkl"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def four_devices(on_devices):
+    return on_devices(__file__, 4, "contract")
 
 
 @pytest.mark.parametrize("name", NAMES)

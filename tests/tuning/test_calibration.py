@@ -216,9 +216,10 @@ def test_auto_step_size_lands_within_ten_percent_of_aoyagi_where_a_large_step_do
     flagged = any("exceeds" in str(w.message) for w in caught if issubclass(w.category, slt_jax.CalibrationWarning))
     assert flagged or len(large.diverged_chains) == RUN["num_chains"]
     auto = slt_jax.estimate_llc(_dln_loss, teacher, data, jax.random.key(seed), step_size="auto", **RUN)
-    # Tolerance: the acceptance criterion, 10 %, is over 3 standard errors of the final λ̂
-    # (16 chains over the calibrated simulated time); the seeds are not chosen.
-    assert auto.llc_se < 0.033 * lam
+    # Tolerance: the acceptance criterion, 10 %, is over 3 standard errors of the chain spread
+    # (16 chains over the calibrated simulated time), and covers the pick's step-size bias bound
+    # that llc_se adds on top of it; the seeds are not chosen.
+    assert auto.uncertainty["chains"] < 0.033 * lam
     assert abs(auto.llc_mean / lam - 1) < 0.1, auto
     record = auto.settings["calibration"]
     assert record["step_size"] == auto.settings["step_size"]
