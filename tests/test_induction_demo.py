@@ -47,8 +47,13 @@ def test_the_reduced_demo_writes_its_curves_and_report(tmp_path):
         assert paths[kind].stat().st_size > 0, kind
     assert set(out["curves"].curves) == {"all", "L0H0", "L0H1", "L1H0", "L1H1"}
     assert out["most_changed"] in (None, *induction.HEADS)  # 300 steps: the drop may not have come yet
+    # Every head's χ to both probe sets at the last checkpoint (and before the drop, if it came).
+    last = str(int(out["curves"].curves["all"].steps[-1]))
+    chi = out["susceptibilities"][last]
+    assert chi["components"] == list(induction.HEADS) and chi["shifts"] == ["repeated segment", "no repeat"]
+    assert np.all(np.isfinite(chi["chi"])) and np.all(np.asarray(chi["se"]) > 0)
     text = induction.report(out)
-    assert "held-out induction loss" in text and "stage boundar" in text
+    assert "held-out induction loss" in text and "stage boundar" in text and "susceptibility χ per head" in text
 
 
 @pytest.mark.slow

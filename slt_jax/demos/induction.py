@@ -14,7 +14,10 @@ The run is saved with Orbax (parameters and Adam state as a composite checkpoint
 model and the weight-refined λ̂ of each head (Wang et al., arXiv:2410.02984) run as chain groups of
 one program per checkpoint (:func:`slt_jax.refined_llc_curves`); stages are detected on the λ̂
 curve. The report names the step of the loss drop, the nearest stage boundary and the head whose
-refined λ̂ changes most across the drop.
+refined λ̂ changes most across the drop. Each head's susceptibility (Baker et al.,
+arXiv:2504.18274: χ = −nβ·Cov_C(φ_C, L_q − L_n)) to a "repeated segment" probe set and to a
+"no repeat" one (the same scored positions in fresh random tokens) is measured before the drop
+and at the end: an induction head responds to the first and not the second.
 
 Settings (measured in the prototype, 3 seeds): nβ = 60, γ = 300, ε = 1.5e-4 (ε/2 agreed within
 1.5 standard errors at steps before, in and after the drop; 3e-4 did not), batch 16, 4 chains of 200
@@ -41,6 +44,8 @@ from slt_jax.models.transformer import Transformer, TransformerConfig
 from slt_jax.paths import local_path
 from slt_jax.selectors import head
 from slt_jax.serialization import dump_json, json_safe
+from slt_jax.susceptibility import susceptibilities
+from slt_jax.trajectory.checkpoints import CheckpointTrajectory, infer_template
 from slt_jax.trajectory.refined import ComponentCurves, refined_llc_curves
 
 VOCAB, LENGTH, SEGMENT = 64, 24, 6
@@ -52,6 +57,7 @@ SAMPLER = dict(step_size=1.5e-4, nbeta=60.0, localization=300.0, batch_size=16, 
                num_draws=200)
 SMOOTHING = 0.05
 HEADS = {f"L{layer}H{index}": head(layer, index) for layer in range(2) for index in range(2)}
+PROBE_ROWS, OBSERVE_EVERY = 128, 4  # per probe set; its losses are evaluated at every 4th draw
 
 
 def copy_task(key, num: int, length: int = LENGTH, vocab: int = VOCAB, segment: int = SEGMENT) -> dict:
@@ -142,6 +148,32 @@ def loss_drop(steps, losses) -> dict:
             "width_decades": math.log10(crossing(0.8) + 1) - math.log10(crossing(0.2) + 1)}
 
 
+def probe_sets(key, rows: int = PROBE_ROWS) -> dict:
+    """The susceptibilities' data shifts: ``"repeated segment"`` (the copy task) and ``"no
+    repeat"`` (the same scored positions in sequences of fresh random tokens, where nothing can
+    be copied)."""
+    key_repeat, key_random = jax.random.split(key)
+    repeated = copy_task(key_repeat, rows)
+    fresh = jax.random.randint(key_random, repeated["tokens"].shape, 0, VOCAB).astype(jnp.int32)
+    return {"repeated segment": repeated, "no repeat": {"tokens": fresh, "mask": repeated["mask"]}}
+
+
+def head_susceptibilities(checkpoint_dir, loss_fn, data, key, steps, sampler: dict, progress=True) -> dict:
+    """Every head's susceptibility χ = −nβ·Cov_C(φ_C, L_q − L_n) to each probe set at each of
+    ``steps`` (:func:`slt_jax.susceptibilities`, the heads as chain groups of one program).
+
+    Returns ``{step: SusceptibilityResult}``.
+    """
+    key_probe, key_sample = jax.random.split(key)
+    probes = probe_sets(key_probe)
+    template = infer_template(checkpoint_dir, steps[0], "params", None)
+    out = {}
+    for step, params in CheckpointTrajectory(checkpoint_dir, template=template, item="params", steps=list(steps)):
+        out[step] = susceptibilities(loss_fn, params, data, jax.random.fold_in(key_sample, step), shifts=probes,
+                                     components=HEADS, observe_every=OBSERVE_EVERY, progress=progress, **sampler)
+    return out
+
+
 def _window_means(curve, drop, low=0.1, high=0.35):
     """λ̂ over the healthy checkpoints 0.1–0.35 decades before and after the drop (NaN if none)."""
     offset = np.log10(curve.steps + 1) - math.log10(drop + 1)
@@ -193,6 +225,15 @@ def run(out_dir, *, seed: int = 0, num_steps: int = NUM_STEPS, sampler: dict | N
                if name != "all" and dropped}
     ranked = sorted(changes, key=lambda name: -abs(changes[name][1] - changes[name][0])) or [None]
 
+    # Per-head susceptibilities to the probe sets, ~0.2 decades before the drop and at the end.
+    start = time.perf_counter()
+    before = whole.steps[np.argmin(np.abs(np.log10(whole.steps + 1) - (math.log10(drop["step"] + 1) - 0.2)))] \
+        if dropped else None
+    chi_steps = sorted({int(whole.steps[-1])} | ({int(before)} if before is not None else set()))
+    chi = head_susceptibilities(checkpoint_dir, loss_fn, data, jax.random.fold_in(key_sample, 1), chi_steps,
+                                {**SAMPLER, **(sampler or {})}, progress=progress)
+    chi_time = time.perf_counter() - start
+
     heldout_at = np.interp(whole.steps, eval_steps, heldout)
     paths = whole.write(out, stages=stages, loss=heldout_at, events=[drop["step"]],
                         title="2-layer attention-only transformer, copy task: λ̂ and its stages")
@@ -204,7 +245,9 @@ def run(out_dir, *, seed: int = 0, num_steps: int = NUM_STEPS, sampler: dict | N
         "nearest_boundary": None if nearest is None else float(stages.boundaries[nearest]),
         "nearest_distance_decades": None if nearest is None else float(distances[nearest]),
         "changes": {name: {"before": b, "after": a} for name, (b, a) in changes.items()}, "most_changed": ranked[0],
-        "train_time": train_time, "sample_time": sample_time,
+        "susceptibilities": {str(step): {"components": list(r.components), "shifts": list(r.shifts),
+                                          "chi": r.chi.tolist(), "se": r.se.tolist()} for step, r in chi.items()},
+        "train_time": train_time, "sample_time": sample_time, "susceptibility_time": chi_time,
     }
     paths["report"] = out / "induction.json"
     dump_json(json_safe(summary), paths["report"])
@@ -230,6 +273,11 @@ def report(out: dict) -> str:
         lines.append("refined λ̂ per head, 0.1–0.35 decades before → after the drop: " + ", ".join(
             f"{name} {c['before']:.2f} → {c['after']:.2f}" for name, c in out["changes"].items()))
         lines.append(f"the head whose refined λ̂ changes most across the drop: {out['most_changed']}")
-    lines.append(f"training {out['train_time']:.0f} s, sampling {out['sample_time']:.0f} s; wrote "
+    for step, chi in out["susceptibilities"].items():
+        cells = [f"{name} " + " / ".join(f"{v:+.3g}±{e:.2g}" for v, e in zip(row, se))
+                 for name, row, se in zip(chi["components"], chi["chi"], chi["se"])]
+        lines.append(f"susceptibility χ per head at step {step} ({' / '.join(chi['shifts'])}): " + ", ".join(cells))
+    lines.append(f"training {out['train_time']:.0f} s, sampling {out['sample_time']:.0f} s, susceptibilities "
+                 f"{out['susceptibility_time']:.0f} s; wrote "
                  + ", ".join(str(p) for p in out["paths"].values()))
     return "\n".join(lines)
