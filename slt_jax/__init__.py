@@ -20,7 +20,7 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that i
 # Public name → the module that defines it.
 _EXPORTS = {
     "AutoSettings": "slt_jax.settings",
-    "Calibration": "slt_jax.tuning.sweep",
+    "Calibration": "slt_jax.tuning.calibration",
     "CalibrationError": "slt_jax.errors",
     "CalibrationWarning": "slt_jax.errors",
     "ChainDiagnostics": "slt_jax.estimators.diagnostics",

@@ -38,6 +38,8 @@ Failures, and how long they take to surface (every bound is an argument of :func
   error for these: run under a supervisor with a wall-clock limit (``srun --time``,
   ``python -m slt_jax.launch --timeout``) and rely on the results store to resume — its rows
   are written atomically by process 0, so a killed job never leaves one half-written.
+
+Its length: much of it is this account of how a job starts and fails; the functions are short.
 """
 
 import dataclasses

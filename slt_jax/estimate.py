@@ -22,7 +22,7 @@ from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.tuning import auto as auto_lib
 from slt_jax.tuning import checks
-from slt_jax.tuning.sweep import Calibration
+from slt_jax.tuning.calibration import Calibration
 
 
 def estimate_llc(loss_fn, params, data, key, *, step_size, localization, nbeta=None, sampler="sgld",

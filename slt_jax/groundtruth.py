@@ -3,6 +3,9 @@
 Everything here is deterministic numpy/scipy: closed forms (Aoyagi's deep-linear-network
 formula, the reduced-rank-regression case table, regular and linear-Gaussian models) and a
 grid quadrature for low-dimensional toy potentials.
+
+Its length: a catalogue of independent closed forms, one function each, looked up by name; they
+share nothing but numpy and scipy.
 """
 
 import math

@@ -23,12 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slt_jax import settings as settings_lib
 from slt_jax import validation
 from slt_jax.estimators import observables as estimators
-from slt_jax.observables import (RowLosses, check_rows, check_train_rows, healthy_moments, kernel_of, resolve_step,
+from slt_jax.observables import (RowLosses, check_rows, check_train_rows, healthy_moments, observing_problem, resolve_step,
                                  row_losses, run_observed)
-from slt_jax.problem import make_problem
 from slt_jax.results import LLCResult, summarize
 from slt_jax.runner.observation import Observation
 from slt_jax.serialization import json_safe
@@ -119,12 +117,9 @@ def bayesian_influence(loss_fn, params, data, key, *, query_data, step_size, loc
     Returns:
       An :class:`InfluenceResult`.
     """
-    run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
-                                                (precision, Precision))
-    validation.key_data(key)
-    kernel = kernel_of(sampler)
-    problem = make_problem(loss_fn, params, data, localization=localization, nbeta=nbeta, param_mask=param_mask,
-                           mesh=mesh, devices=devices, precision=precision, run=run)
+    problem, kernel, run, auto = observing_problem(
+        loss_fn, params, data, key, sampler=sampler, run=run, auto=auto, precision=precision, options=options,
+        localization=localization, nbeta=nbeta, param_mask=param_mask, mesh=mesh, devices=devices)
     rows = check_train_rows(train_rows, problem.n)
     train_losses, query_losses = row_losses(problem), row_losses(problem, per_sample_loss)
     _, entry = check_rows(query_losses, problem.params, query_data, "query_data")

@@ -13,6 +13,10 @@ only when asked for (``trace_dir``). :func:`slt_jax.bayesian_influence` and
 This module holds the pieces they share: per-sample losses from a mean ``loss_fn``, the input
 checks (each a ``ValueError`` naming the argument, raised before sampling), the step-size
 resolution, one observed run, and :func:`observe` itself.
+
+Its length: the observation protocol — the kinds of observable, their checks, the run that
+observes them and :func:`observe` — is one piece that ``bayesian_influence`` and
+``susceptibilities`` build on; none of its parts has a use apart.
 """
 
 import dataclasses
@@ -34,7 +38,7 @@ from slt_jax.runner.observation import Observation, TraceWriter, pair_key
 from slt_jax.samplers import get_kernel, nuts
 from slt_jax.serialization import json_safe
 from slt_jax.settings import AutoSettings, Precision, RunSettings
-from slt_jax.tuning.sweep import Calibration
+from slt_jax.tuning.calibration import Calibration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +190,17 @@ def kernel_of(sampler):
         raise ValueError("sampler='nuts' does not run through the chain runner that keeps observables; use an "
                          "SGLD-family sampler")
     return get_kernel(sampler)
+
+
+def observing_problem(loss_fn, params, data, key, *, sampler, run, auto, precision, options: dict, **problem):
+    """The prologue every observing entry point shares: the settings folded from ``options``, the
+    key checked, the SGLD-family kernel and the :class:`~slt_jax.problem.Problem` (``problem``:
+    the keywords of :func:`slt_jax.problem.make_problem`). Returns ``(problem, kernel, run, auto)``."""
+    run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
+                                                (precision, Precision))
+    validation.key_data(key)
+    kernel = kernel_of(sampler)
+    return make_problem(loss_fn, params, data, precision=precision, run=run, **problem), kernel, run, auto
 
 
 def resolve_step(problem, kernel, run: RunSettings, auto: AutoSettings, key, step_size, *, progress=True):
@@ -379,12 +394,9 @@ def observe(loss_fn, params, data, key, *, observables: dict, step_size, localiz
     Returns:
       An :class:`ObservedResult`.
     """
-    run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
-                                                (precision, Precision))
-    validation.key_data(key)
-    kernel = kernel_of(sampler)
-    problem = make_problem(loss_fn, params, data, localization=localization, nbeta=nbeta, param_mask=param_mask,
-                           mesh=mesh, devices=devices, precision=precision, run=run)
+    problem, kernel, run, auto = observing_problem(
+        loss_fn, params, data, key, sampler=sampler, run=run, auto=auto, precision=precision, options=options,
+        localization=localization, nbeta=nbeta, param_mask=param_mask, mesh=mesh, devices=devices)
     if not isinstance(observables, dict) or not observables:
         raise ValueError(f"observables must be a non-empty dict of name → observable, got {observables!r}")
     functions, losses, inputs = [], [], {}

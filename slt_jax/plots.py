@@ -4,6 +4,8 @@ calibration.
 Figures are built on the Agg canvas without pyplot, so no global figure state is kept and
 nothing needs closing; each function returns its ``Figure`` and writes a PNG when given
 a ``path``. Log step axes are symmetric-log, linear below 1, when the steps include 0.
+
+Its length: one independent function per figure, sharing the canvas helpers at the top.
 """
 
 import numpy as np

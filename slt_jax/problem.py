@@ -12,6 +12,9 @@ Placement: w* lies on the mesh as ``param_specs`` says (replicated, or split ove
 or, for :func:`slt_jax.data.streaming.streamed` data, stay on the host, and L_n(w*) is one
 streamed pass over them. In a multi-process run every process first checks that the others hold
 the same problem (:func:`slt_jax.distributed.check_consistent`).
+
+Its length: the validation steps, the exact L_n(w*) and the control variate's table all feed
+one :class:`Problem` and read top to bottom.
 """
 
 import dataclasses

@@ -25,7 +25,7 @@ from slt_jax.runner.chains import run_chains, sampled_of, setup
 from slt_jax.samplers import get_kernel
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.tuning.auto import calibration_for
-from slt_jax.tuning.sweep import Calibration
+from slt_jax.tuning.calibration import Calibration
 
 
 def _components(components: dict, params) -> tuple[list[str], list]:

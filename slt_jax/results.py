@@ -4,6 +4,9 @@ Every sampler behind :func:`slt_jax.estimate_llc` — the SGLD family, a calibra
 extensions, NUTS — hands :func:`summarize` the same :class:`Sampled` record; the summary
 computes λ̂ per draw (Lau et al., arXiv:2308.12108; docs/mathematics.md §1), excludes and
 reports diverged chains (never averaged in), attaches the diagnostics and records the settings.
+
+Its length: the result type and :func:`summarize`, which builds it, are one contract for every
+sampler.
 """
 
 import dataclasses

@@ -25,6 +25,9 @@ A selector that matches nothing is an error (each part of a combination on its o
 typo inside a union is not lost), as are a head index beyond the layer's head count and a
 layer that does not exist; :func:`describe_mask` counts what a selection covers before
 anything runs.
+
+Its length: the selector kinds and their algebra (``|``, ``&``, ``~``) resolve through one
+walk of the parameter pytree.
 """
 
 import abc

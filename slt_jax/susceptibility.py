@@ -40,13 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slt_jax import settings as settings_lib
 from slt_jax import validation
 from slt_jax.data import batches
 from slt_jax.estimators import observables as estimators
 from slt_jax.observables import (RowLosses, check_like, check_observable, check_rows, group_of, healthy_moments,
-                                 kernel_of, resolve_components, resolve_step, row_losses, run_observed)
-from slt_jax.problem import make_problem
+                                 observing_problem, resolve_components, resolve_step, row_losses, run_observed)
 from slt_jax.results import summarize
 from slt_jax.runner import divergence
 from slt_jax.runner.observation import DRAW_LOSS, Observation
@@ -179,12 +177,9 @@ def susceptibilities(loss_fn, params, data, key, *, shifts: dict, step_size, loc
     Returns:
       A :class:`SusceptibilityResult`.
     """
-    run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
-                                                (precision, Precision))
-    validation.key_data(key)
-    kernel = kernel_of(sampler)
-    problem = make_problem(loss_fn, params, data, localization=localization, nbeta=nbeta, mesh=mesh, devices=devices,
-                           precision=precision, run=run)
+    problem, kernel, run, auto = observing_problem(
+        loss_fn, params, data, key, sampler=sampler, run=run, auto=auto, precision=precision, options=options,
+        localization=localization, nbeta=nbeta, mesh=mesh, devices=devices)
     if not isinstance(shifts, dict) or not shifts:
         raise ValueError(f"shifts must be a non-empty dict of name → dataset, got {shifts!r}")
     shift_losses = row_losses(problem, per_sample_loss)

@@ -25,7 +25,7 @@ from slt_jax.runner.chains import run_chains, setup
 from slt_jax.samplers import get_kernel
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.tuning.auto import calibration_for
-from slt_jax.tuning.sweep import Calibration
+from slt_jax.tuning.calibration import Calibration
 
 # ε·(nβ·h_max + γ) on every rung: the Langevin discretisation inflates the posterior variance
 # along the stiffest direction by about a quarter of this (0.5 %), and that direction relaxes

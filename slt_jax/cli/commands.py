@@ -2,6 +2,9 @@
 
 No maths here. JAX is imported inside the commands, after :func:`start_jax` has had the chance to
 expose several CPU devices (``XLA_FLAGS`` must be set before JAX starts).
+
+Its length: the four commands and the loading, device and writing steps they share; each
+function is short.
 """
 
 import importlib

@@ -11,6 +11,8 @@ run is skipped) or in a ``[llc]``, ``[trajectory]`` or ``[calibrate]`` table (fo
 every key must be one of its flags). The command line overrides the file, the file the
 defaults. :func:`write_config` writes the resolved values back as TOML, so
 ``slt-jax COMMAND --config OUT/config.toml`` repeats a run.
+
+Its length: most of it is the flag table itself, one row per setting.
 """
 
 import argparse

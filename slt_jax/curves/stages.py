@@ -34,6 +34,9 @@ estimated from second-difference pseudo-residuals (Gasser, Sroka & Jennen-Steinm
 Biometrika 73, 1986); pass standard errors when it varies along training. Given standard
 errors are scaled up, never down, when the same pseudo-residuals scatter more than they
 predict, so under-reported errors cannot create boundaries.
+
+Its length: the detection rule and the significance test that makes each boundary count
+belong together.
 """
 
 from typing import NamedTuple

@@ -237,7 +237,8 @@ def run(out_dir, *, seed: int = 0, num_steps: int = NUM_STEPS, sampler: dict | N
     heldout_at = np.interp(whole.steps, eval_steps, heldout)
     paths = whole.write(out, stages=stages, loss=heldout_at, events=[drop["step"]],
                         title="2-layer attention-only transformer, copy task: λ̂ and its stages")
-    head_curves = ComponentCurves(curves={k: v for k, v in curves.curves.items() if k != "all"}, settings=curves.settings)
+    head_curves = ComponentCurves(curves={k: v for k, v in curves.curves.items() if k != "all"},
+                                  settings=curves.settings)
     paths.update({f"heads_{kind}": path for kind, path in head_curves.write(
         out / "heads", loss=heldout_at, events=[drop["step"]], title="refined λ̂ per attention head").items()})
     summary = {
@@ -267,7 +268,8 @@ def report(out: dict) -> str:
     if out["nearest_boundary"] is None:
         lines.append("no stage boundary detected on the λ̂ curve")
     else:
-        lines.append(f"stage boundaries of λ̂ at steps {', '.join(f'{b:.0f}' for b in out['boundaries'])}; the nearest "
+        boundaries = ", ".join(f"{b:.0f}" for b in out["boundaries"])
+        lines.append(f"stage boundaries of λ̂ at steps {boundaries}; the nearest "
                      f"to the drop at {out['nearest_boundary']:.0f} ({out['nearest_distance_decades']:+.2f} decades)")
     if out["changes"]:
         lines.append("refined λ̂ per head, 0.1–0.35 decades before → after the drop: " + ", ".join(

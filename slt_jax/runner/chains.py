@@ -12,6 +12,8 @@ chain's state follows w*'s layout over the ``"model"`` axis
 (:func:`slt_jax.runner.sharding.state_shardings`), and each chunk's draws come back to every
 process with :func:`slt_jax.runner.sharding.to_host`. Streamed data
 (:mod:`slt_jax.data.streaming`) are fed chunk by chunk by :class:`slt_jax.runner.feed.Feeder`.
+
+Its length: the driver — keys, placement, the chunked scan and the host fetches — is one loop.
 """
 
 import math

@@ -31,6 +31,9 @@ Across processes (:mod:`slt_jax.distributed`) the mesh spans every process's dev
 data become global arrays through :func:`put` (``make_array_from_callback`` for large ones:
 ``device_put`` of a host array would first compare it across processes), and results come back
 complete on every process through :func:`to_host`.
+
+Its length: the mesh, the placements of the chain, data and model axes and the gathers back to
+the host are one layout that the runner uses together.
 """
 
 import dataclasses

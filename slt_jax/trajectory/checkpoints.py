@@ -14,6 +14,9 @@ than a `CheckpointManager`: Orbax documents the manager as unsafe to share a dir
 with another job (a reader may run while training still writes), and a manager asked for
 one item of a composite step logs a warning for every other item at every step. Nothing
 here writes to the checkpoint directory.
+
+Its length: three checkpoint layouts behind one reader, with the error messages that name
+what a directory holds.
 """
 
 from collections.abc import Callable, Iterator, Sequence

@@ -4,6 +4,9 @@ What :func:`slt_jax.llc_trajectory` returns: one row per checkpoint step (the ke
 ``COLUMNS``), the settings that produced them, and the ways to read them — stage detection
 (:mod:`slt_jax.curves.stages`), the early-warning statistics (:mod:`slt_jax.curves.early_warning`), plots,
 CSV and JSON.
+
+Its length: :class:`LLCCurve` is one result type with its table, stages, plots, files and
+summary; each method is short.
 """
 
 import csv
@@ -128,6 +131,16 @@ class LLCCurve:
         keep = self.healthy & np.isfinite(self.column(name))
         return early_warning(self.column(name)[keep], seed=seed, **kwargs)
 
+    def _plotted(self, loss):
+        """``(healthy rows, the loss panel's values)`` for a plot; raises if nothing can be drawn."""
+        keep = self.healthy
+        if not keep.any():
+            raise ValueError("no healthy rows to plot: every step is flagged")
+        loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
+        if loss.shape != (len(self.rows),):
+            raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
+        return keep, loss
+
     def plot_panels(self, names, path=None, *, stages: Stages | None = None, loss=None, events=(),
                     title: str | None = None):
         """Loss, λ̂ and one panel per column of ``names`` (± 2 s.e. where it has a ``_se``
@@ -142,12 +155,7 @@ class LLCCurve:
         Returns:
           The matplotlib ``Figure``.
         """
-        keep = self.healthy
-        if not keep.any():
-            raise ValueError("no healthy rows to plot: every step is flagged")
-        loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
-        if loss.shape != (len(self.rows),):
-            raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
+        keep, loss = self._plotted(loss)
         panels = []
         for item in ["llc_mean", *names]:
             name, label = item if isinstance(item, tuple) else (item, None)
@@ -179,12 +187,7 @@ class LLCCurve:
         Returns:
           The matplotlib ``Figure``.
         """
-        keep = self.healthy
-        if not keep.any():
-            raise ValueError("no healthy rows to plot: every step is flagged")
-        loss = self.column("init_loss") if loss is None else np.asarray(loss, np.float64)
-        if loss.shape != (len(self.rows),):
-            raise ValueError(f"loss must have one value per row ({len(self.rows)}), got shape {loss.shape}")
+        keep, loss = self._plotted(loss)
         from slt_jax.plots import plot_llc_curve  # matplotlib only when plotting
 
         fig = plot_llc_curve(

@@ -59,7 +59,7 @@ from slt_jax.trajectory.checkpoints import CheckpointTrajectory, list_steps
 from slt_jax.trajectory.curve import COLUMNS, LLCCurve
 from slt_jax.trajectory.loop import checkpoint_rows
 from slt_jax.tuning.auto import calibration_for
-from slt_jax.tuning.sweep import Calibration
+from slt_jax.tuning.calibration import Calibration
 
 DEFAULT_LOCALIZATION_PER_NBETA = 0.1
 

@@ -38,7 +38,7 @@ from slt_jax.trajectory.checkpoints import list_steps
 from slt_jax.trajectory.curve import LLCCurve
 from slt_jax.trajectory.llc_trajectory import DEFAULT_LOCALIZATION_PER_NBETA, _calibrate_once, _from_store, llc_row
 from slt_jax.trajectory.loop import checkpoint_rows
-from slt_jax.tuning.sweep import Calibration
+from slt_jax.tuning.calibration import Calibration
 
 
 def observable_trajectory(

@@ -27,7 +27,8 @@ from slt_jax.settings import AutoSettings, RunSettings
 from slt_jax.tuning.equilibration import equilibration_warning
 from slt_jax.tuning.plateau import plateau_check
 from slt_jax.tuning.stiffness import run_with_step_checks
-from slt_jax.tuning.sweep import Calibration, run_sweep
+from slt_jax.tuning.calibration import Calibration
+from slt_jax.tuning.sweep import run_sweep
 
 
 def calibration_for(problem, kernel, run: RunSettings, auto: AutoSettings, key, step_size, *,

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import slt_jax
-from slt_jax.tuning.sweep import CalibrationError, calibrate
+from slt_jax.errors import CalibrationError
+from slt_jax.tuning.sweep import calibrate
 from slt_jax.tuning.choice import choose_step_size
 from slt_jax.curvature import chain_stiffness
 from slt_jax.settings import SweepSettings
