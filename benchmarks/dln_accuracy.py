@@ -66,7 +66,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import slt_jax
-from slt_jax.tuning.sweep import CalibrationError
+from slt_jax.errors import CalibrationError
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher, random_dln
 

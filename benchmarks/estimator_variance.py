@@ -65,7 +65,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import slt_jax
-from slt_jax.tuning.sweep import CalibrationError, calibrate
+from slt_jax.errors import CalibrationError
+from slt_jax.tuning.sweep import calibrate
 from slt_jax.tuning.grid import default_step_sizes
 from slt_jax.estimators.diagnostics import mcse_mean
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
