@@ -8,6 +8,8 @@ progress as checkpoint i/N, its step and an ETA. ``llc_trajectory``, the per-com
 curves and the observable curves are this loop with different ``compute`` functions.
 """
 
+import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -67,7 +69,8 @@ def checkpoint_rows(checkpoint_dir, compute: Callable, *, settings: dict, steps:
                   unit="ckpt") as bar:
             for step, params in trajectory:
                 bar.set_postfix_str(f"step {step}")
-                row = compute(step, params)
+                with _naming_the_step(step):
+                    row = compute(step, params)
                 if store is not None:
                     store.write(step, row)
                 rows[step] = row
@@ -91,3 +94,19 @@ def _open_store(results_path, settings, wanted):
 
     rows = distributed.from_primary(read, "results store")
     return opened.get("store"), {int(row["step"]): row for row in rows}
+
+
+@contextlib.contextmanager
+def _naming_the_step(step: int):
+    """Warnings raised while a checkpoint computes are emitted again with its step in front
+    ("checkpoint step 72790: λ̂ still trends …"), so a trajectory's warning says which row it is
+    about. The caller's filters still decide: an "error" filter raises at the source, "ignore"
+    leaves nothing to emit."""
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        for w in caught:
+            warnings.warn_explicit(w.category(f"checkpoint step {step}: {w.message}"), w.category, w.filename,
+                                   w.lineno)

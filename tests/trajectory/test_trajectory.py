@@ -9,6 +9,7 @@ others after it) reuses one compiled chain program.
 import csv
 import json
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +212,20 @@ def test_curve_outputs(problem, trajectories, tmp_path):
     np.testing.assert_array_equal(curve.column("step"), STEPS)
     with pytest.raises(ValueError, match="column 'lambda'"):
         curve.column("lambda")
+
+
+@pytest.mark.filterwarnings("default::slt_jax.errors.CalibrationWarning")
+def test_a_checkpoints_warning_names_its_step(tmp_path):
+    from slt_jax.errors import CalibrationWarning
+    from slt_jax.trajectory.loop import checkpoint_rows
+
+    save(tmp_path / "ckpt", [3, 7], lambda step: ocp.args.StandardSave({"w": jnp.full(2, float(step))}))
+
+    def compute(step, params):
+        if step == 7:
+            warnings.warn("λ̂ still trends", CalibrationWarning)
+        return {"step": step}
+
+    with pytest.warns(CalibrationWarning) as caught:
+        checkpoint_rows(tmp_path / "ckpt", compute, settings={}, progress=False)
+    assert [str(w.message) for w in caught] == ["checkpoint step 7: λ̂ still trends"]
