@@ -67,8 +67,16 @@ def model(request):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("sampler", KERNELS)
-def test_auto_agrees_with_nuts(model, sampler, seed):
+def test_auto_agrees_with_nuts(model, sampler, seed, request):
     loss_fn, params, data, gamma, nuts = model
+    if sampler == "sgnht" and request.node.callspec.id.startswith("logistic"):
+        # Known gap (open in issue 16): on logistic regression at batch 100 the thermostat's
+        # friction stays 25–97 % minibatch heat at every grid step and extension (share ∝ ε; the
+        # health rule asks ≤ 5 %, reached near ε ≈ 4e-5, below the four extensions), also with
+        # diffusion 0.1 — so auto raises CalibrationError instead of an estimate. Strict: a fix
+        # turns this into a failure to remove.
+        request.applymarker(pytest.mark.xfail(raises=slt_jax.CalibrationError, strict=True,
+                                              reason="SGNHT's calibration refuses logistic regression"))
     r = slt_jax.estimate_llc(loss_fn, params, data, jax.random.key(seed), sampler=sampler, step_size="auto",
                              localization=gamma, batch_size=100, progress=False)
     tolerance = 3 * math.hypot(r.llc_se, nuts.llc_se) + BIAS_BUDGET * nuts.llc_mean
