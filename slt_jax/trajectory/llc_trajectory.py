@@ -38,7 +38,7 @@ cross-process collectives in an order the processes do not share).
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -180,23 +180,11 @@ def llc_trajectory(
       :class:`~slt_jax.LLCResult` (draws included) of every step computed in this call (not of
       steps read back from ``results_path``), for ``curve.to_arviz()`` and trace plots.
     """
-    checkpoint_dir = checkpoint_path(checkpoint_dir)
     run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
                                                 (precision, Precision))
-    n = validation.check_data(data)
-    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
-    if not calibrated:
-        validation.check_positive("step_size", step_size)
-    nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
-    validation.check_positive("nbeta", nbeta)
-    localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
-    validation.check_positive("localization", localization, allow_zero=True)
+    checkpoint_dir, n, calibrated, nbeta, localization = trajectory_inputs(
+        checkpoint_dir, data, step_size=step_size, nbeta=nbeta, localization=localization, calibrate_at=calibrate_at)
     sampler_name = nuts.NUTS if sampler == nuts.NUTS else get_kernel(sampler).name
-    if calibrated and calibrate_at != "each":
-        available = list_steps(checkpoint_dir)
-        if calibrate_at not in available:
-            raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
-                             f"{str(checkpoint_dir)!r} (it holds {available})")
     settings = _settings(checkpoint_dir, key, n, step_size, nbeta, localization, item, select, sampler_name,
                          eval_data, param_mask, run, auto, precision, calibrate_at)
     mesh = sharding.resolve_mesh(mesh, devices)
@@ -223,6 +211,37 @@ def llc_trajectory(
                            progress=progress, before=before, describe=lambda row: f"λ̂ = {row['llc_mean']:.3g}")
     return LLCCurve(rows=tuple(_from_store(row) for row in rows.values()), settings=settings,
                     results=results or None)
+
+
+class TrajectoryInputs(NamedTuple):
+    """What every trajectory settles before it opens a checkpoint (:func:`trajectory_inputs`)."""
+
+    checkpoint_dir: Any
+    n: int
+    calibrated: bool
+    nbeta: float
+    localization: float
+
+
+def trajectory_inputs(checkpoint_dir, data, *, step_size, nbeta, localization, calibrate_at="each"):
+    """The checks every trajectory makes first: the directory (absolute), n from ``data``, a
+    fixed ``step_size`` positive (or ``"auto"``/a ``Calibration``), nβ (default n/log n) and γ
+    (default nβ/10), and ``calibrate_at`` a checkpoint of the directory where it is not "each"."""
+    checkpoint_dir = checkpoint_path(checkpoint_dir)
+    n = validation.check_data(data)
+    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
+    if not calibrated:
+        validation.check_positive("step_size", step_size)
+    nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
+    validation.check_positive("nbeta", nbeta)
+    localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
+    validation.check_positive("localization", localization, allow_zero=True)
+    if calibrated and calibrate_at != "each":
+        available = list_steps(checkpoint_dir)
+        if calibrate_at not in available:
+            raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
+                             f"{str(checkpoint_dir)!r} (it holds {available})")
+    return TrajectoryInputs(checkpoint_dir, n, calibrated, nbeta, localization)
 
 
 def _calibrate_once(checkpoint_dir, loss_fn, data, key, step, template, item, select, sampler, estimate, progress):

@@ -29,14 +29,11 @@ import numpy as np
 from slt_jax import masks, validation
 from slt_jax import settings as settings_lib
 from slt_jax.influence import bayesian_influence
-from slt_jax.paths import checkpoint_path
-from slt_jax.posterior import default_nbeta
 from slt_jax.samplers import get_kernel
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.susceptibility import susceptibilities
-from slt_jax.trajectory.checkpoints import list_steps
 from slt_jax.trajectory.curve import LLCCurve
-from slt_jax.trajectory.llc_trajectory import DEFAULT_LOCALIZATION_PER_NBETA, _calibrate_once, _from_store, llc_row
+from slt_jax.trajectory.llc_trajectory import _calibrate_once, _from_store, llc_row, trajectory_inputs
 from slt_jax.trajectory.loop import checkpoint_rows
 from slt_jax.tuning.calibration import Calibration
 
@@ -95,20 +92,10 @@ def observable_trajectory(
     """
     if shifts is None and query_data is None:
         raise ValueError("observable_trajectory needs shifts (susceptibilities) and/or query_data (influence)")
-    checkpoint_dir = checkpoint_path(checkpoint_dir)
     run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
                                                 (precision, Precision))
-    n = validation.check_data(data)
-    calibrated = isinstance(step_size, Calibration) or step_size == "auto"
-    if not calibrated:
-        validation.check_positive("step_size", step_size)
-    nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
-    validation.check_positive("nbeta", nbeta)
-    localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
-    validation.check_positive("localization", localization, allow_zero=True)
-    if calibrated and calibrate_at != "each" and calibrate_at not in list_steps(checkpoint_dir):
-        raise ValueError(f"calibrate_at={calibrate_at!r} must be 'each' or a checkpoint step of "
-                         f"{str(checkpoint_dir)!r} (it holds {list_steps(checkpoint_dir)})")
+    checkpoint_dir, n, calibrated, nbeta, localization = trajectory_inputs(
+        checkpoint_dir, data, step_size=step_size, nbeta=nbeta, localization=localization, calibrate_at=calibrate_at)
     settings = {
         "checkpoint_dir": str(checkpoint_dir), "item": item,
         "select": None if select is None else getattr(select, "__qualname__", repr(select)),

@@ -17,13 +17,12 @@ import numpy as np
 from slt_jax import masks
 from slt_jax import settings as settings_lib
 from slt_jax import validation
-from slt_jax.paths import checkpoint_path, local_path
-from slt_jax.posterior import default_nbeta
+from slt_jax.paths import local_path
 from slt_jax.refined import estimate_refined_llcs
 from slt_jax.serialization import dump_json, json_safe
 from slt_jax.settings import AutoSettings, Precision, RunSettings
 from slt_jax.trajectory.curve import COLUMNS, LLCCurve
-from slt_jax.trajectory.llc_trajectory import DEFAULT_LOCALIZATION_PER_NBETA, llc_row
+from slt_jax.trajectory.llc_trajectory import llc_row, trajectory_inputs
 from slt_jax.trajectory.loop import checkpoint_rows
 
 
@@ -122,12 +121,10 @@ def refined_llc_curves(checkpoint_dir, loss_fn, data, key, *, components: dict, 
     Returns:
       A :class:`ComponentCurves`.
     """
-    checkpoint_dir = checkpoint_path(checkpoint_dir)
     run, auto, precision = settings_lib.resolve(options, (run, RunSettings), (auto, AutoSettings),
                                                 (precision, Precision))
-    n = validation.check_data(data)
-    nbeta = float(default_nbeta(n) if nbeta is None else nbeta)
-    localization = float(DEFAULT_LOCALIZATION_PER_NBETA * nbeta if localization is None else localization)
+    checkpoint_dir, n, _, nbeta, localization = trajectory_inputs(checkpoint_dir, data, step_size=step_size,
+                                                                  nbeta=nbeta, localization=localization)
     if not isinstance(components, dict) or not components:
         raise ValueError(f"components must be a non-empty dict name → weight restriction, got {components!r}")
     settings = {
