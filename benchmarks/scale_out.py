@@ -108,6 +108,15 @@ def param_bytes(params) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
 
 
+def skipped(rows, base, model, chains, need, memory, clock) -> bool:
+    """Record a configuration as skipped, and say so, when its estimated footprint exceeds half
+    the device's memory or the time budget is spent."""
+    why = "does not fit" if need > memory / 2 else "time budget spent" if clock.left() < 20 else None
+    if why is not None:
+        rows.append({**base, "model": model, "chains": chains, "skipped": why})
+    return why is not None
+
+
 def footprint(params, data_bytes, chains_per_group, model) -> int:
     """A rough per-device footprint: the data (replicated), and per chain its position, gradient,
     noise and update temporaries (~4 copies of the parameters, split over the model axis)."""
@@ -233,11 +242,7 @@ def dln_section(scales, args, clock) -> list:
             groups = sharding.axis_size(mesh, sharding.CHAINS)
             for per_group in args.chains_per_group:
                 chains = groups * per_group
-                if footprint(teacher, data_bytes, per_group, model) > memory / 2:
-                    rows.append({**base, "model": model, "chains": chains, "skipped": "does not fit"})
-                    continue
-                if clock.left() < 20:
-                    rows.append({**base, "model": model, "chains": chains, "skipped": "time budget spent"})
+                if skipped(rows, base, model, chains, footprint(teacher, data_bytes, per_group, model), memory, clock):
                     continue
                 try:
                     problem = make_problem(_LOSS, teacher, data, localization=LOCALIZATION, mesh=mesh,
@@ -304,11 +309,7 @@ def transformer_section(sizes, args, clock) -> list:
             for per_group in args.chains_per_group:
                 chains = groups * per_group
                 need = footprint(params, tokens.nbytes, per_group, model) + per_group * activations
-                if need > memory / 2:
-                    rows.append({**base, "model": model, "chains": chains, "skipped": "does not fit"})
-                    continue
-                if clock.left() < 20:
-                    rows.append({**base, "model": model, "chains": chains, "skipped": "time budget spent"})
+                if skipped(rows, base, model, chains, need, memory, clock):
                     continue
                 try:
                     problem = make_problem(loss_fn, params, {"tokens": tokens}, localization=LOCALIZATION,
