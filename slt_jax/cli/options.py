@@ -236,6 +236,7 @@ FLAGS: tuple[Flag, ...] = (
     _sweep("grid_points", INT, "step sizes in the default grid", metavar="N"),
     _sweep("grid_factor", FLOAT, "ratio between neighbouring step sizes of the grid", metavar="X"),
     _sweep("min_window_draws", INT, "draws the largest step size gets in its window, at least", metavar="N"),
+    _sweep("window_draws", INT, "draws the largest step size's window records where its steps allow", metavar="N"),
     _sweep("check_z", FLOAT, "standard errors by which a trend or a negative λ̂ must be significant",
            metavar="X"),
     _sweep("min_mala_acceptance", FLOAT, "acceptance below which a step size counts as unstable", metavar="X"),

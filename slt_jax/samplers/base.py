@@ -39,9 +39,14 @@ class Stability(NamedTuple):
         ``1/eps``, its largest value); 1 without a preconditioner.
       preconditioner: ``preconditioner(state) -> pytree`` of G per chain (leading chain axis,
         like the position), or ``None`` for the identity.
-      health: ``health(info, rtol, z) -> str | None``: given the kernel's per-draw info over a
-        window, ``(chains, draws)`` per field, why the chains are not sampling the posterior
-        (SGNHT: a kinetic temperature away from 1), or ``None``.
+      health: ``health(info, rtol, z, *, compared) -> str | None``: given the kernel's per-draw
+        info over a window, ``(chains, draws)`` per field, why the chains are not sampling the
+        posterior (SGNHT: a kinetic temperature away from 1), or ``None``. ``compared`` says
+        whether the step is compared with others at equal simulated time (the sweep), which sees
+        a bias that changes with ε; a lone step (the check after a fixed run) has no such witness.
+      healthy_step: ``healthy_step(info, step_size) -> float | None``: from a window's info at
+        ``step_size``, the step the kernel expects to pass its health test in a sweep, where it
+        can tell (SGNHT: minibatch heat ∝ ε), else ``None``; the sweep extends its grid down to it.
     """
 
     limit: float = 4.0
@@ -49,6 +54,7 @@ class Stability(NamedTuple):
     start_preconditioner: float = 1.0
     preconditioner: Callable | None = None
     health: Callable | None = None
+    healthy_step: Callable | None = None
 
     def limits(self, state, num_chains: int):
         """The limit of each chain, ``(chains,)`` (``state=None``: at the start)."""

@@ -80,7 +80,7 @@ def check_run(problem, kernel, state, draws, key, *, step_size: float) -> dict:
     stability = kernel.stability
     if stability.health is not None and draws.info is not None:
         info = type(draws.info)(*(np.asarray(x)[healthy] for x in draws.info))
-        record["health"] = stability.health(info, TREND_RTOL, TREND_Z)
+        record["health"] = stability.health(info, TREND_RTOL, TREND_Z, compared=False)
         if record["health"] is not None:
             warnings.warn(f"{kernel.name} at step_size={step_size:.3g}: {record['health']}; λ̂ may read high. Run "
                           f"longer (num_burnin) or use step_size='auto'", CalibrationWarning, stacklevel=3)

@@ -45,12 +45,14 @@ def pool(rows) -> dict:
     spread = lambda x: float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
     rates = [(r["mala"], r["chain_means"].size) for r in rows if np.isfinite(r["mala"])]
     health = [r["health"] for r in rows if r["health"]]
+    predicted = [r["healthy_step"] for r in rows if r.get("healthy_step") is not None]
     if means.size == 0:
         return {**rows[0], "diverged": sum(r["diverged"] for r in rows)}
     return {"mean": float(means.mean()), "se": max(x for x in (spread(means), combined) if np.isfinite(x)),
             "trend": float(second.mean() - first.mean()), "trend_se": math.hypot(spread(first), spread(second)),
             "mala": float(sum(m * c for m, c in rates) / sum(c for _, c in rates)) if rates else float("nan"),
-            "diverged": sum(r["diverged"] for r in rows), "health": health[0] if health else None}
+            "diverged": sum(r["diverged"] for r in rows), "health": health[0] if health else None,
+            "healthy_step": min(predicted) if predicted else None}
 
 
 
@@ -80,7 +82,7 @@ class GroupRunner:
         draw_steps = steps_per_draw - 1 + steps_per_draw * np.arange(llc_all.shape[1])
         diverged_at = sharding.to_host(state.diverged_at).reshape(num_groups, num_chains)
         positions = sharding.to_host(state.kernel_state.position) if self.mala else None
-        health = self.kernel.stability.health
+        health, healthy_step = self.kernel.stability.health, self.kernel.stability.healthy_step
 
         rows = []
         for g, (s, eps, nb, gamma) in enumerate(groups):
@@ -93,6 +95,7 @@ class GroupRunner:
             row = {"llc_per_chain": per_chain_mean, "diverged": int(np.sum(~healthy)),
                    "window_draws": int(window.sum()), "mean": float("nan"), "se": float("nan"),
                    "trend": float("nan"), "trend_se": float("nan"), "mala": float("nan"), "health": None,
+                   "healthy_step": None,
                    "trace": llc_all[chains][healthy], "times": draw_steps * eps, "run_time": num_steps * eps,
                    "chain_means": np.zeros(0), "halves": (np.zeros(0), np.zeros(0))}
             if healthy.any():
@@ -105,7 +108,9 @@ class GroupRunner:
                                                                    good[:, half:].mean(axis=1)))
                 if health is not None and draws.info is not None:
                     info = type(draws.info)(*(np.asarray(x)[chains][healthy][:, window] for x in draws.info))
-                    row["health"] = health(info, self.sweep.rtol, self.sweep.check_z)
+                    row["health"] = health(info, self.sweep.rtol, self.sweep.check_z, compared=True)
+                    if row["health"] and healthy_step is not None:
+                        row["healthy_step"] = healthy_step(info, eps)
                 if self.mala:
                     chain_positions = jax.tree.map(lambda x: x[chains], positions)
                     posterior = problem.posterior(nb, gamma)

@@ -164,7 +164,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             f"num_steps={num_steps} leaves the largest step size only {shortest:.0f} steps in its window "
             f"(simulated time [T_b, T] / ε): raise num_steps above "
             f"{math.ceil(num_steps * 2 * sweep.min_window_draws / shortest)} or narrow step_sizes")
-    steps_per_draw = max(1, int(shortest // sweep.min_window_draws))
+    steps_per_draw = max(1, int(shortest // max(sweep.window_draws, sweep.min_window_draws)))
 
     mala = sweep.mala
     if mala is None:
@@ -220,7 +220,14 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
                 runs = sum(1 for g in groups if g[0] == s and g[1] == steps[stable[0]])
                 added = [steps[stable[0]], steps[nxt]] * min(runs, 4)
             else:
+                # Down one grid factor — or, where the kernel predicts the step its health test needs
+                # (SGNHT: the minibatch heat falls with ε), straight there (at most f³ below) together
+                # with the step under it, so that one round can bring the pair that verifies.
                 added = [steps[0] / sweep.grid_factor]
+                predicted = pooled[0].get("healthy_step")
+                if predicted is not None and predicted < added[0]:
+                    top = max(predicted, steps[0] / sweep.grid_factor**3)
+                    added = [top, top / sweep.grid_factor]
             new += [(s, eps, *setting_pairs[s]) for eps in added]
         if not new:
             break

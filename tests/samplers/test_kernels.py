@@ -13,6 +13,7 @@ from slt_jax.samplers.mala import mala_acceptance
 from slt_jax.posterior import LocalPosterior
 from slt_jax.samplers import KERNELS, get_kernel, rmsprop_sgld, rmsprop_sgld_kernel, sgld, sgld_kernel, sgnht_kernel
 from slt_jax.samplers.noise import tree_rademacher
+from slt_jax.samplers.sgnht import SGNHTInfo, thermostat_health, thermostat_step
 
 CENTER = {"a": jnp.array([0.5, -1.0, 2.0]), "b": jnp.ones((2, 2))}
 MASK = {"a": jnp.array([1.0, 0.0, 1.0]), "b": jnp.zeros((2, 2))}
@@ -164,6 +165,44 @@ def test_sgnht_thermostat_absorbs_minibatch_noise_and_holds_the_temperature(seed
     # …and the positions follow the right posterior: λ̂ = ½·d·nβ/(nβ + γ) for this quadratic.
     exact = 0.5 * 4 * nbeta / (nbeta + gamma)
     assert abs(r.llc_mean - exact) < 3 * r.llc_se + 0.02 * exact, (r.llc_mean, r.llc_se, exact)
+
+
+def _thermostat_info(zeta, temperature=1.0, chains=4, draws=50):
+    """A window of SGNHT info: every chain at kinetic temperature ``temperature``, friction ``zeta``."""
+    full = lambda v: np.full((chains, draws), v)
+    return SGNHTInfo(full(temperature), full(zeta))
+
+
+def test_thermostat_share_limit_is_strict_for_a_lone_step_and_one_third_in_a_sweep():
+    diffusion, rtol, z = 0.01, 0.05, 3.0
+    quarter = _thermostat_info(diffusion / 0.75)  # (ζ − D)/ζ = 25 %
+    assert "minibatch heat" in thermostat_health(quarter, rtol, z, diffusion=diffusion)
+    assert thermostat_health(quarter, rtol, z, compared=True, diffusion=diffusion) is None
+    assert "minibatch heat" in thermostat_health(_thermostat_info(diffusion / 0.6), rtol, z, compared=True,
+                                                 diffusion=diffusion)  # 40 %
+    assert "kinetic temperature" in thermostat_health(_thermostat_info(diffusion, 1.3), rtol, z, compared=True,
+                                                      diffusion=diffusion)
+    # The minibatch heat ζ − D grows ∝ ε: at x = (ζ − D)/D = 4, the share falls to ⅓ (x = ½) at ε/8;
+    # the prediction sits a margin of 0.8 below. Nothing to predict where the share passes.
+    assert thermostat_step(_thermostat_info(5 * diffusion), 1e-3, diffusion=diffusion) == pytest.approx(1e-4)
+    assert thermostat_step(quarter, 1e-3, diffusion=diffusion) is None
+
+
+def test_sweep_extends_straight_to_the_step_the_thermostat_needs():
+    """Minibatch heat x = (ζ − D)/D ≈ 3 at the grid's smallest step (nβ = 10, batch 20, isotropic noise):
+    the sweep's first extension is the predicted step and the one under it, not one step halved
+    (the old rule), and the pick that verifies is a healthy step."""
+    data = centred_data(0)
+    cal = slt_jax.calibrate(noisy_quadratic, jnp.zeros(4), data, jax.random.key(0), localization=1.0, nbeta=10.0,
+                            sampler="sgnht", batch_size=20, num_steps=2000, progress=False)
+    choice = cal.choices[0]
+    grid, first = choice["sweeps"][0]["step_sizes"], choice["sweeps"][1]["step_sizes"]
+    smallest = min(grid)
+    assert all("minibatch heat" in cal.reason[i] for i in range(len(grid)) if cal.step_sizes[i] == smallest)
+    assert len(first) == 2 and first[1] == pytest.approx(first[0] / 2)
+    assert smallest / 8 <= first[0] < smallest / 2
+    assert choice["verified"] and choice["step_size"] <= first[0]
+    assert cal.status[list(cal.step_sizes).index(choice["step_size"])] == "ok"
 
 
 def test_mala_acceptance_matches_the_metropolis_formula_on_a_gaussian():

@@ -57,26 +57,26 @@ def logistic():
 MODELS = {"dln": dln, "logistic": pytest.param(logistic, marks=pytest.mark.slow)}
 
 
+# NUTS's draws per model: on logistic regression 250 draws after 150 warm-up read 1.698 ± 0.033
+# against the exact 1.6012 ± 0.0012 (importance sampling from the Laplace approximation), 1000
+# after 500 read 1.602 ± 0.013 and 1.595 ± 0.019 (two keys), in 3 s.
+NUTS_SCHEDULE = {"dln": (150, 250), "logistic": (500, 1000)}
+
+
 @pytest.fixture(scope="module", params=list(MODELS.values()), ids=list(MODELS))
 def model(request):
     loss_fn, params, data, gamma = request.param()
+    num_burnin, num_draws = NUTS_SCHEDULE[request.param.__name__]
     nuts = slt_jax.estimate_llc(loss_fn, params, data, jax.random.key(11), sampler="nuts", step_size=1e-3,
-                                localization=gamma, num_chains=8, num_draws=250, num_burnin=150, progress=False)
+                                localization=gamma, num_chains=8, num_draws=num_draws, num_burnin=num_burnin,
+                                progress=False)
     return loss_fn, params, data, gamma, nuts
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("sampler", KERNELS)
-def test_auto_agrees_with_nuts(model, sampler, seed, request):
+def test_auto_agrees_with_nuts(model, sampler, seed):
     loss_fn, params, data, gamma, nuts = model
-    if sampler == "sgnht" and request.node.callspec.id.startswith("logistic"):
-        # Known gap (open in issue 16): on logistic regression at batch 100 the thermostat's
-        # friction stays 25–97 % minibatch heat at every grid step and extension (share ∝ ε; the
-        # health rule asks ≤ 5 %, reached near ε ≈ 4e-5, below the four extensions), also with
-        # diffusion 0.1 — so auto raises CalibrationError instead of an estimate. Strict: a fix
-        # turns this into a failure to remove.
-        request.applymarker(pytest.mark.xfail(raises=slt_jax.CalibrationError, strict=True,
-                                              reason="SGNHT's calibration refuses logistic regression"))
     r = slt_jax.estimate_llc(loss_fn, params, data, jax.random.key(seed), sampler=sampler, step_size="auto",
                              localization=gamma, batch_size=100, progress=False)
     tolerance = 3 * math.hypot(r.llc_se, nuts.llc_se) + BIAS_BUDGET * nuts.llc_mean
