@@ -1,21 +1,25 @@
 """Noise over parameter pytrees, one independent key per leaf: Gaussian, or Rademacher signs.
 
 SGLD draws a fresh N(0, I) for every parameter at every step, which at small batch is a large
-share of a step. For float32 leaves and Threefry keys (JAX's default), :func:`tree_normal`
-hashes counter *pairs* — one Threefry-2x32 hash per two draws, bit for bit the draws of
-``jax.random.normal`` under ``jax_threefry_partitionable=False`` — where JAX's default
-(partitionable) layout spends one hash per draw: about 1.7× faster per 1M draws on CPU
-(benchmarks/step_cost.py). The partitionable layout matters only for random arrays that XLA
-shards by itself; here each chain's noise is drawn whole on its own device. No global flag is
-touched. Other dtypes and key implementations use ``jax.random.normal``. (The ``rbg`` and
-``unsafe_rbg`` implementations were measured too: slower than Threefry on CPU.)
+share of a step — on CPU mostly the Threefry hashing of the random bits, not their transform.
+For float32 leaves and Threefry keys (JAX's default), :func:`tree_normal` therefore draws each
+normal from **16 random bits**: one Threefry-2x32 hash gives two 32-bit words, i.e. four
+normals, where ``jax.random.normal`` spends one hash per draw in its default (partitionable)
+layout. A 16-bit uniform ``u_k = (2k + 1)/2¹⁶ − 1`` maps to ``c·√2·erf⁻¹(u_k)``: 65,536 levels
+symmetric about 0 (mean exactly 0), the constant ``c`` (1 + 1.0·10⁻⁵) making the variance
+exactly 1; the largest draw is 4.32 (a normal exceeds it in magnitude with probability
+1.5·10⁻⁵), and the distribution's CDF is within 1.0·10⁻⁵ of the normal's everywhere — far inside SGLD's own
+discretisation error, and far closer to Gaussian than the ±1 of :func:`tree_rademacher` that
+weak-order theory already allows (``benchmarks/step_cost.py`` times it). Each chain's noise is drawn whole on its
+own device, so Threefry's partitionable layout (for arrays XLA shards itself) is not needed. No
+global flag is touched. Other dtypes and key implementations use ``jax.random.normal``. (The
+``rbg`` and ``unsafe_rbg`` implementations were measured too: slower than Threefry on CPU.)
 
 :func:`tree_rademacher` draws ±1 signs for the simplified weak Euler scheme (Kloeden & Platen,
 *Numerical Solution of Stochastic Differential Equations*, 1992, §14.1): one random *bit* per
 parameter, 32 per ``jax.random.bits`` word, so it hashes 1/16 as often as :func:`tree_normal`
-(one hash per two normals) and needs no transform; ``jax.random.rademacher`` spends a full
-32-bit draw per sign. Measured: 0.5 ms per 1M signs against 4.5 ms per 1M normals on 2 CPU
-cores (``benchmarks/step_cost.py``).
+(one hash per four normals) and needs no transform; ``jax.random.rademacher`` spends a full
+32-bit draw per sign.
 """
 
 import math
@@ -24,8 +28,18 @@ import jax
 import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
-_LOW = np.nextafter(np.float32(-1.0), np.float32(0.0))  # jax.random.normal's open interval (−1, 1)
+_LEVELS = 1 << 16  # a normal per 16 random bits
+
+
+def _unit_variance_scale() -> float:
+    """``c`` with ``Var(c·√2·erf⁻¹(U)) = 1`` for U uniform on the 2¹⁶ midpoints ``(2k + 1)/2¹⁶ − 1``."""
+    levels = np.sqrt(2.0) * scipy.special.erfinv((2.0 * np.arange(_LEVELS) + 1.0) / _LEVELS - 1.0)
+    return float(1.0 / np.sqrt(np.mean(levels**2)))
+
+
+_SCALE = np.float32(math.sqrt(2.0) * _unit_variance_scale())
 
 
 def _is_threefry(key) -> bool:
@@ -35,13 +49,14 @@ def _is_threefry(key) -> bool:
 
 
 def _normal_float32(key, shape):
-    """float32 N(0, 1) draws from Threefry-2x32 over counter pairs (see the module docstring)."""
+    """float32 unit-variance normals, 16 Threefry-2x32 bits each (see the module docstring)."""
+    size = math.prod(shape)
     words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    bits = jax.extend.random.threefry_2x32((words[0], words[1]), jax.lax.iota(jnp.uint32, math.prod(shape)))
-    # 23 random mantissa bits under exponent 0 give a float in [1, 2); shift it to [−1, 1).
-    one = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
-    uniform = jnp.maximum(_LOW, (one - np.float32(1.0)) * (np.float32(1.0) - _LOW) + _LOW)
-    return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(uniform)).reshape(shape)
+    bits = jax.extend.random.threefry_2x32((words[0], words[1]), jax.lax.iota(jnp.uint32, -(-size // 2)))
+    halves = jnp.concatenate([bits >> np.uint32(16), bits & np.uint32(0xFFFF)])[:size]
+    # (2k + 1)/2¹⁶ − 1 exactly: k·2⁻¹⁵ and the sum need at most 17 significant bits.
+    uniform = halves.astype(jnp.float32) * np.float32(2.0 / _LEVELS) + np.float32(1.0 / _LEVELS - 1.0)
+    return (_SCALE * jax.lax.erf_inv(uniform)).reshape(shape)
 
 
 def normal(key, shape, dtype):
