@@ -75,7 +75,7 @@ def test_diverged_chains_are_named_drawn_and_their_warning_kept(problem, tmp_pat
     minimum, data = problem
     # A divergence threshold inside the chains' own spread of nβ·(L_B − L_n(w*)): some cross it.
     with pytest.warns(DivergenceWarning) as caught:
-        diverging = estimate_llc(dln_loss, minimum, data, jax.random.key(0), divergence_threshold=15.0, **SAMPLER)
+        diverging = estimate_llc(dln_loss, minimum, data, jax.random.key(0), divergence_threshold=10.0, **SAMPLER)
     bad = diverging.diverged_chains
     assert 0 < len(bad) < 8
     assert diverging.settings["warnings"] == [f"DivergenceWarning: {caught[0].message}"]
@@ -103,7 +103,7 @@ def test_warnings_are_emitted_once_and_kept(problem):
     minimum, data = problem
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        estimate_llc(dln_loss, minimum, data, jax.random.key(0), divergence_threshold=15.0, **SAMPLER)
+        estimate_llc(dln_loss, minimum, data, jax.random.key(0), divergence_threshold=10.0, **SAMPLER)
     assert [w.category for w in caught] == [DivergenceWarning]  # recorded in the result, emitted once
 
 

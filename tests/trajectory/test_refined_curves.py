@@ -45,9 +45,12 @@ def test_one_curve_per_component_resumes_and_writes(run_dir, tmp_path):
     assert list(curves.curves) == list(components()) and list(curves.steps) == list(STEPS)
     for name, curve in curves.curves.items():
         assert curve.settings["component"] == name and all(np.isfinite(curve.column("llc_mean")))
-    # The union samples both layers: its λ̂ is at least either layer's alone (within error).
-    union, first = curves.curves["layers 0-1"].column("llc_mean"), curves.curves["layer 0"].column("llc_mean")
-    assert np.all(union > first)
+    # The union samples both layers: its λ̂ is at least either layer's alone, within 3 standard errors of
+    # the difference (4 chains × 100 draws: λ̂ ≈ 1 with an se of ~0.2).
+    column = lambda name, field: np.asarray(curves.curves[name].column(field))
+    for layer in ("layer 0", "layer 1"):
+        gap = column("layers 0-1", "llc_mean") - column(layer, "llc_mean")
+        assert np.all(gap > -3 * np.hypot(column("layers 0-1", "llc_se"), column(layer, "llc_se"))), (layer, gap)
     again = slt_jax.refined_llc_curves(directory, loss_fn, data, jax.random.key(0), components=components(),
                                        results_path=store, **RUN)
     assert again.curves["layer 1"].rows == curves.curves["layer 1"].rows  # read back, not resampled
