@@ -6,6 +6,7 @@ typically the loss ``n·L_n`` at the sampled points. The wrappers validate their
 clear errors and return plain floats, so results are JSON-ready.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -59,7 +60,10 @@ def effective_sample_size(trace: ArrayLike) -> float:
     """Total effective sample size of a ``(chains, draws)`` trace.
 
     Uses numpyro's estimator (Geyer's initial monotone sequence on the autocorrelation
-    pooled over chains, Stan's between-chain correction); one chain is allowed.
+    pooled over chains, Stan's between-chain correction); one chain is allowed. Strongly
+    anticorrelated draws (lag-1 autocorrelation below −½, e.g. an oscillating chain) make that
+    estimator's integrated time negative; as Stan does, the time is kept at least
+    ``1/log₁₀(N)``, so the ESS is at most ``N·log₁₀(N)`` for N draws in all.
 
     Args:
         trace: array of shape ``(chains, draws)`` with ``draws >= 2``, all finite.
@@ -69,7 +73,9 @@ def effective_sample_size(trace: ArrayLike) -> float:
     """
     x = _as_trace(trace, min_draws=2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(_numpyro().effective_sample_size(x))
+        ess = float(_numpyro().effective_sample_size(x))
+    bound = x.size * math.log10(x.size)
+    return ess if np.isnan(ess) or 0 < ess <= bound else bound
 
 
 def ess_per_chain(trace: ArrayLike) -> np.ndarray:
