@@ -233,7 +233,7 @@ def test_step_size_auto_and_calibrate(checkpoints, tmp_path, capsys):
     assert status == 0, err
     assert printed.startswith("| step size | nβ | γ | λ̂ | se | MALA acc. | status |")
     calibration = json.loads((tmp_path / "cal" / "calibration.json").read_text())
-    assert len(calibration["table"]) == 4 and calibration["choices"][0]["step_size"] > 0
+    assert len(calibration["table"]) >= 4 and calibration["choices"][0]["step_size"] > 0  # the grid, and any extension
     assert (tmp_path / "cal" / "calibration.png").stat().st_size > 0
 
     # The trajectory calibrates once, at step 300, and every row uses that choice.

@@ -12,8 +12,8 @@ tests to the chains it ran, at the cost of one curvature probe:
 - **health**: the kernel's own test over the draws (SGNHT: kinetic temperature 1);
 - **trend**: the draws' second half against their first, chain by chain
   (:func:`slt_jax.estimators.llc.halves_trend`, the test of :mod:`slt_jax.tuning.equilibration`):
-  a difference beyond :data:`TREND_RTOL` of λ̂ *and* :data:`TREND_Z` standard errors means the
-  run ended before λ̂ settled.
+  a difference beyond :data:`TREND_RTOL` of λ̂ *and* :data:`TREND_Z` standard errors (as a t
+  quantile with chains − 1 degrees of freedom) means the run ended before λ̂ settled.
 
 Each finding warns (:class:`~slt_jax.CalibrationWarning`) and the record lands in
 ``settings["step_check"]`` with its cost in seconds; ``check_step=False`` skips it all.
@@ -23,6 +23,7 @@ import time
 import warnings
 
 import numpy as np
+import scipy.stats
 
 from slt_jax import keys
 from slt_jax.errors import CalibrationWarning
@@ -36,8 +37,17 @@ from slt_jax.tuning.stiffness import stable_step_at_chains
 # bounded whatever the chain count — 30 Hessian-vector products per chain on ≤ 4096 rows.
 MAX_CHECKED_CHAINS = 8
 # A trend counts when it is material (this fraction of λ̂) and significant (this many standard
-# errors of the chain-paired difference): the sweep's check_z and rtol.
+# errors of the chain-paired difference, as a t quantile: _significance): the sweep's check_z and rtol.
 TREND_RTOL, TREND_Z = 0.05, 3.0
+
+
+def _significance(num_chains: int) -> float:
+    """:data:`TREND_Z` normal standard errors as the same quantile of Student's t with ``chains − 1``
+    degrees of freedom: the trend's se is the spread of that many chain-paired differences, and with
+    2 chains (one degree of freedom) "3 se" was exceeded by one equilibrated quadratic in five."""
+    if num_chains < 2:
+        return TREND_Z
+    return float(scipy.stats.t.ppf(scipy.stats.norm.cdf(TREND_Z), num_chains - 1))
 
 
 def sample_checked(problem, kernel, run, key, *, step_size: float, progress=True) -> Sampled:
@@ -47,6 +57,7 @@ def sample_checked(problem, kernel, run, key, *, step_size: float, progress=True
       A :class:`~slt_jax.results.Sampled` whose record holds ``step_check`` (``None`` with
       ``run.check_step`` off): ``stable_step``, ``stiffness``, ``limit``, ``max_preconditioner``,
       ``chains_measured``, ``stable`` (ε within the rule), ``health``, ``trend``, ``trend_se``,
+      ``trend_significance`` (the se multiple the trend had to exceed),
       ``trending`` and ``seconds``.
     """
     config, inputs = setup(problem, kernel, run, step_size)
@@ -93,8 +104,10 @@ def check_run(problem, kernel, state, draws, key, *, step_size: float) -> dict:
         # about equilibration.
         at_minimum = good.mean() > TREND_Z * float(np.std(good.mean(axis=1), ddof=1) / np.sqrt(good.shape[0])) \
             if good.shape[0] > 1 else good.mean() > 0
-        record.update(trend=trend, trend_se=trend_se,
-                      trending=bool(at_minimum and abs(trend) > TREND_RTOL * level and abs(trend) > TREND_Z * trend_se))
+        significance = _significance(good.shape[0])
+        record.update(trend=trend, trend_se=trend_se, trend_significance=significance,
+                      trending=bool(at_minimum and abs(trend) > TREND_RTOL * level
+                                    and abs(trend) > significance * trend_se))
         if record["trending"]:
             warnings.warn(
                 f"λ̂ still trends at the end of the run: its draws' second half differs from the first by {trend:+.4g} "
