@@ -45,7 +45,7 @@ def pool(rows) -> dict:
     spread = lambda x: float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
     rates = [(r["mala"], r["chain_means"].size) for r in rows if np.isfinite(r["mala"])]
     health = [r["health"] for r in rows if r["health"]]
-    predicted = [r["healthy_step"] for r in rows if r.get("healthy_step") is not None]
+    predicted = [r["healthy_step"] for r in rows if r["healthy_step"] is not None]
     if means.size == 0:
         return {**rows[0], "diverged": sum(r["diverged"] for r in rows)}
     return {"mean": float(means.mean()), "se": max(x for x in (spread(means), combined) if np.isfinite(x)),

@@ -224,7 +224,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
                 # (SGNHT: the minibatch heat falls with ε), straight there (at most f³ below) together
                 # with the step under it, so that one round can bring the pair that verifies.
                 added = [steps[0] / sweep.grid_factor]
-                predicted = pooled[0].get("healthy_step")
+                predicted = pooled[0]["healthy_step"]
                 if predicted is not None and predicted < added[0]:
                     top = max(predicted, steps[0] / sweep.grid_factor**3)
                     added = [top, top / sweep.grid_factor]
