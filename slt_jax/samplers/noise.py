@@ -24,20 +24,22 @@ parameter, 32 per ``jax.random.bits`` word, so it hashes 1/16 as often as :func:
 """
 
 import math
+from statistics import NormalDist
 
 import jax
 import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
-import scipy.special
 
 _LEVELS = 1 << 16  # a normal per 16 random bits
 
 
 def _levels() -> np.ndarray:
-    """The 2¹⁶ values ``c·√2·erf⁻¹((2k + 1)/2¹⁶ − 1)``, computed in float64, ``c`` giving them
-    variance 1, as float32."""
-    levels = np.sqrt(2.0) * scipy.special.erfinv((2.0 * np.arange(_LEVELS) + 1.0) / _LEVELS - 1.0)
+    """The 2¹⁶ values ``c·Φ⁻¹((2k + 1)/2¹⁷) = c·√2·erf⁻¹((2k + 1)/2¹⁶ − 1)``, computed in float64
+    (the standard library's Φ⁻¹, Wichura's AS 241: 10 ms, where importing scipy.special would add
+    ~0.15 s to the first call), ``c`` giving them variance 1, as float32."""
+    inverse = NormalDist().inv_cdf
+    levels = np.array([inverse((2.0 * k + 1.0) / (2.0 * _LEVELS)) for k in range(_LEVELS)])
     return (levels / np.sqrt(np.mean(levels**2))).astype(np.float32)
 
 
