@@ -129,12 +129,15 @@ def compiled_memory(config, inputs, num_chains, chunk) -> dict | None:
     specs = config.param_specs or sharding.param_specs(inputs.posterior.center, mesh)
     config = config._replace(param_specs=specs)
     padded = sharding.padded_num_chains(num_chains, mesh)
-    from slt_jax.runner.chains import _chain_keys, _input_shardings
+    from slt_jax.runner.chains import _input_shardings
 
-    keys = _chain_keys(jax.random.key(0), padded, jax.sharding.NamedSharding(mesh, sharding.chain_spec(mesh)))
+    on_chains = jax.sharding.NamedSharding(mesh, sharding.chain_spec(mesh))
+    chain_index = sharding.put(np.arange(padded, dtype=np.int32), on_chains)
+    key = sharding.put(jax.random.key(0), jax.sharding.NamedSharding(mesh, sharding.REPLICATED))
     placed = sharding.put(per_chain(inputs, num_chains, padded), _input_shardings(mesh, specs, inputs))
     state = init_chains(config, placed, padded)
-    lowered = _advance.lower(config, placed, chunk, keys, state, jnp.int32(0), jnp.int32(0), jnp.int32(chunk))
+    lowered = _advance.lower(config, placed, chunk, key, chain_index, state, jnp.int32(0), jnp.int32(0),
+                             jnp.int32(chunk))
     analysis = lowered.compile().memory_analysis()
     if analysis is None:
         return None

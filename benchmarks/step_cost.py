@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from slt_jax.runner import sharding
-from slt_jax.runner.chains import ChainInputs, RunConfig, _advance, chain_keys, init_chains, per_chain, run_chains
+from slt_jax.runner.chains import ChainInputs, RunConfig, _advance, init_chains, per_chain, run_chains
 from slt_jax.runner.divergence import Divergence
 from slt_jax.data.batches import minibatch
 from slt_jax.posterior import LocalPosterior
@@ -237,9 +237,9 @@ def memory(num_chains=16, batch_size=512, chunk=100):
     mesh = sharding.make_mesh()
     config, inputs = sgld_setup(params, data, batch_size, mesh, loss_estimator="control_variate")
     inputs = per_chain(inputs, num_chains)
-    keys = chain_keys(jax.random.key(0), num_chains)
     state = init_chains(config, inputs, num_chains)
-    lowered = _advance.lower(config, inputs, chunk, keys, state, jnp.int32(0), jnp.int32(0), jnp.int32(chunk))
+    lowered = _advance.lower(config, inputs, chunk, jax.random.key(0), jnp.arange(num_chains, dtype=jnp.int32), state,
+                             jnp.int32(0), jnp.int32(0), jnp.int32(chunk))
     analysis = lowered.compile().memory_analysis()
     mib = lambda b: b / 2**20
     out = {"num_params": num_params(params), "num_chains": num_chains, "batch_size": batch_size,

@@ -9,7 +9,6 @@ sweep, the Laplace value, curvature probes, the stiffness checks at the chains â
 """
 
 import jax
-import jax.numpy as jnp
 
 CALIBRATION = 2**31 - 1  # the step-size sweep of step_size="auto"
 LAPLACE = 2**31 - 2  # the Laplace value's rows and probe vectors
@@ -23,6 +22,7 @@ def stream(key, index: int, offset: int = 0):
     return jax.random.fold_in(key, index + offset)
 
 
-def chain_keys(key, num_chains: int):
-    """Chain i's key: ``fold_in(key, i)``, independent of the number of chains."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_chains))
+def chain_key(key, index):
+    """Chain ``index``'s key: ``fold_in(key, index)``, independent of the number of chains."""
+    return jax.random.fold_in(key, index)
+

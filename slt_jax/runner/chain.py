@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slt_jax.data.batches import full_batch_loss
 from slt_jax.posterior import LocalPosterior
@@ -277,7 +278,8 @@ def per_chain(inputs: ChainInputs, num_chains: int, num_padded: int | None = Non
     (padding chains fill the devices and are dropped).
     """
     extra = (num_padded or num_chains) - num_chains
-    b = lambda x: jnp.pad(jnp.broadcast_to(jnp.asarray(x), (num_chains,)), (0, extra), mode="edge")
+    # On the host (numpy), to be placed once: eager jnp ops compile a small program each.
+    b = lambda x: np.pad(np.broadcast_to(np.asarray(x), (num_chains,)), (0, extra), mode="edge")
     p, d = inputs.posterior, inputs.divergence
     return inputs._replace(
         mask_index=None if inputs.mask_index is None else b(inputs.mask_index),

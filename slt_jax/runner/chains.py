@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from slt_jax import distributed, validation
 from slt_jax.data.streaming import is_streamed
-from slt_jax.keys import chain_keys
+from slt_jax.keys import chain_key
 from slt_jax.results import Sampled
 from slt_jax.runner import feed, sharding
 from slt_jax.runner.chain import CHAIN_AXES, Chain, ChainInputs, ChainState, RunConfig, input_specs, per_chain
@@ -110,25 +110,28 @@ def init_chains(config: RunConfig, inputs: ChainInputs, num_chains: int) -> Chai
 
 
 @partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnames=("state",))
-def _advance(config, inputs, num_steps, chain_keys, state, start, num_burnin, total, fed=None):
+def _advance(config, inputs, num_steps, key, chain_index, state, start, num_burnin, total, fed=None):
     """``num_steps`` steps of every chain: each device vmaps its own block of chains (reading
-    its minibatches from ``fed`` when the data are streamed)."""
+    its minibatches from ``fed`` when the data are streamed). Chain i's key ``fold_in(key, i)`` is
+    formed here, from the replicated root key and the chains' global indices: a separate program
+    for the keys cost a compilation (~0.1–0.2 s) on every first call."""
 
-    def local(inputs, chain_keys, state, start, num_burnin, total, fed):
-        run = lambda inp, k, s, f: Chain(config, inp).advance(k, s, start, num_steps, num_burnin, total, f)
-        if chain_keys.shape[0] > 1:
-            return jax.vmap(run, in_axes=(CHAIN_AXES, 0, 0, 0))(inputs, chain_keys, state, fed)
+    def local(inputs, key, chain_index, state, start, num_burnin, total, fed):
+        run = lambda inp, i, s, f: Chain(config, inp).advance(chain_key(key, i), s, start, num_steps, num_burnin,
+                                                              total, f)
+        if chain_index.shape[0] > 1:
+            return jax.vmap(run, in_axes=(CHAIN_AXES, 0, 0, 0))(inputs, chain_index, state, fed)
         # One chain on this device: run it unbatched, since a vmap over one chain keeps
         # batched matmuls (a few per cent slower for a 1M-parameter MLP on CPU).
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)
         inputs = jax.tree.map(lambda axis, sub: sub if axis is None else first(sub), CHAIN_AXES, inputs,
                               is_leaf=lambda x: x is None)
-        return jax.tree.map(lambda x: x[None], run(inputs, chain_keys[0], first(state), first(fed)))
+        return jax.tree.map(lambda x: x[None], run(inputs, chain_index[0], first(state), first(fed)))
 
     chains, scalar = sharding.chain_spec(config.mesh), sharding.REPLICATED
-    in_specs = (input_specs(config.mesh), chains, chains, scalar, scalar, scalar, feed.fed_spec(config.mesh))
+    in_specs = (input_specs(config.mesh), scalar, chains, chains, scalar, scalar, scalar, feed.fed_spec(config.mesh))
     run = sharding.shard_chains(local, config.mesh, in_specs, chains)
-    state, record = run(inputs, chain_keys, state, start, num_burnin, total, fed)
+    state, record = run(inputs, key, chain_index, state, start, num_burnin, total, fed)
     # The carry keeps the layout it came in with, so its buffers are donated to the next chunk.
     return jax.lax.with_sharding_constraint(state, sharding.state_shardings(config.mesh, state, config.param_specs)), \
         record
@@ -194,7 +197,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
         "key": validation.key_data(key), "chains": [num_chains, padded], "steps": [num_burnin, num_draws, spd, start],
         "chunk_size": chunk_size, "config": _config_record(config), "inputs": _inputs_record(inputs)})
     on_chains = NamedSharding(mesh, sharding.chain_spec(mesh))
-    keys = _chain_keys(key, padded, on_chains)
+    key = sharding.put(key, NamedSharding(mesh, sharding.REPLICATED))
+    chain_index = sharding.put(np.arange(padded, dtype=np.int32), on_chains)
     inputs = sharding.put(per_chain(inputs, num_chains, padded), _input_shardings(mesh, specs, inputs))
     if state is None:
         state = init_chains(config, inputs, padded)
@@ -205,7 +209,7 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     count, size = plan_chunks(total_steps, chunk_size)
     feeder = None
     if streamed is not None:
-        feeder = feed.Feeder(streamed, keys, config.batch_size, mesh)
+        feeder = feed.Feeder(streamed, key, chain_index, config.batch_size, mesh)
         if chunk_size is None and total_steps:
             size = feeder.steps_per_chunk(size)
             count = math.ceil(total_steps / size)
@@ -227,8 +231,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
                     fed = None if fed_next is None else fed_next()
                     if feeder is not None and i + 1 < count:  # its indices go before chunk i's program
                         fed_next = feeder.start(start + (i + 1) * size, size)
-                    state, record = _advance(config, inputs, size, keys, state, jnp.int32(start + i * size),
-                                             jnp.int32(start + num_burnin), jnp.int32(start + total_steps), fed)
+                    state, record = _advance(config, inputs, size, key, chain_index, state, np.int32(start + i * size),
+                                             np.int32(start + num_burnin), np.int32(start + total_steps), fed)
                 if pending is not None:
                     fetched = fetch(*pending)
                     records.append(fetched if sink is None else sink(fetched))
@@ -241,12 +245,6 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
     if padded > num_chains:
         state = jax.tree.map(lambda x: x[:num_chains], state)
     return state, draws
-
-
-def _chain_keys(key, num_chains: int, on_chains):
-    """The chain keys, computed on the mesh (a local key array cannot be put on a mesh that
-    spans processes)."""
-    return jax.jit(chain_keys, static_argnums=1, out_shardings=on_chains)(key, num_chains)
 
 
 def _input_shardings(mesh, specs: sharding.ParamSpecs, inputs: ChainInputs) -> ChainInputs:

@@ -27,19 +27,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from slt_jax.data.streaming import Streamed
 from slt_jax.runner import sharding
+from slt_jax.keys import chain_key
 from slt_jax.runner.chain import Fed, step_keys
 
 
 @partial(jax.jit, static_argnames=("num_steps", "n", "batch_size", "mesh"))
-def chunk_rows(keys, start, *, num_steps: int, n: int, batch_size: int, mesh):
+def chunk_rows(key, chain_index, start, *, num_steps: int, n: int, batch_size: int, mesh):
     """Every chain's minibatch rows for steps ``start … start+num_steps−1``: ``(rows, local)``,
     each ``(chains, num_steps, batch_size)`` (global indices; indices into each data shard)."""
 
-    def chain(chain_key):
-        at = lambda t: sharding.batch_rows(step_keys(chain_key, t)[0], n, batch_size, mesh)
+    def chain(index):
+        at = lambda t: sharding.batch_rows(step_keys(chain_key(key, index), t)[0], n, batch_size, mesh)
         return jax.vmap(at)(start + jnp.arange(num_steps, dtype=jnp.int32))
 
-    rows, local = jax.vmap(chain)(keys)
+    rows, local = jax.vmap(chain)(chain_index)
     on_chains = NamedSharding(mesh, sharding.chain_spec(mesh))
     return jax.lax.with_sharding_constraint((rows, local), on_chains)
 
@@ -55,15 +56,16 @@ class Feeder:
 
     Args:
       data: the streamed dataset.
-      keys: the chain keys, ``(chains,)``, placed over the mesh's ``"chains"`` axis.
+      key, chain_index: the root key (replicated) and the chains' global indices ``(chains,)``,
+        placed over the mesh's ``"chains"`` axis (chain i's key is ``fold_in(key, i)``).
       batch_size: rows per minibatch.
       mesh: the run's mesh.
     """
 
-    def __init__(self, data: Streamed, keys, batch_size: int, mesh):
-        self.data, self.keys, self.batch_size, self.mesh = data, keys, batch_size, mesh
+    def __init__(self, data: Streamed, key, chain_index, batch_size: int, mesh):
+        self.data, self.key, self.chain_index, self.batch_size, self.mesh = data, key, chain_index, batch_size, mesh
         self.sharding = NamedSharding(mesh, fed_spec(mesh))
-        self.num_chains = keys.shape[0]
+        self.num_chains = chain_index.shape[0]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slt_jax-feed") if data.prefetch else None
 
     def steps_per_chunk(self, steps: int) -> int:
@@ -78,7 +80,7 @@ class Feeder:
         """Begin preparing steps ``start …``: dispatch their indices now, gather and place them
         (on the background thread when prefetching); returns a call that hands back the
         :class:`~slt_jax.runner.chain.Fed`."""
-        rows = chunk_rows(self.keys, jnp.int32(start), num_steps=num_steps, n=self.data.n,
+        rows = chunk_rows(self.key, self.chain_index, jnp.int32(start), num_steps=num_steps, n=self.data.n,
                           batch_size=self.batch_size, mesh=self.mesh)
         if self._pool is None:
             return lambda: self.load(rows)
