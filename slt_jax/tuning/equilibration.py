@@ -31,36 +31,61 @@ from slt_jax.runner.chains import plan_chunks, run_chains
 # of a run that settled late can serve as its draws.
 FRACTIONS = np.arange(1, 16) / 20
 
+SIGNIFICANCE_Z = 2.0
+"""A trend significant beyond this many normal standard errors (as the same quantile of Student's t
+with ``chains − 1`` degrees of freedom) is a trend, however small (:func:`equilibration_time`)."""
 
-def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0,
+
+def _significance(num_chains: int, z: float) -> float:
+    """``z`` normal standard errors as the same quantile of Student's t with ``chains − 1`` degrees
+    of freedom (the trend's se is the spread of that many chain-paired differences)."""
+    from scipy.special import ndtr, stdtrit  # here, not at import: see slt_jax.tuning.checks
+
+    return float(stdtrit(num_chains - 1, ndtr(z)))
+
+
+def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0, significance: float = SIGNIFICANCE_Z,
                        fractions=FRACTIONS) -> float | None:
     """The earliest burn-in after which a ``(chains, draws)`` λ̂ trace stops trending.
 
     For each candidate burn-in ``t = f · times[-1]`` (``f`` in ``fractions``), the draws
     after t are split into two halves; λ̂ has equilibrated by t when the halves' means
     differ by at most ``rtol·|mean|`` *including* ``z`` standard errors of the difference
-    (a noisy trace cannot pass by being noisy). The difference is taken chain by chain (its
-    standard error from the spread of the chains' differences): chains that sit at different
-    levels for a long time — the slow modes of singular posteriors — do not hide a shared climb.
+    (a noisy trace cannot pass by being noisy) **and** the difference is not significant. The
+    difference is taken chain by chain (its standard error from the spread of the chains'
+    differences): chains that sit at different levels for a long time — the slow modes of
+    singular posteriors — do not hide a shared climb.
+
+    The size test alone passes a slow climb: on DLN 10-26-24-38 (λ = 146) the last quarter of an
+    8,799-step run rose by +4.0 ± 0.6 between its halves — 3.4 % of λ̂, within 5 %, but 6.7
+    standard errors — while λ̂ = 120 still sat 18 % below where it settled after 70k steps. A
+    climb that slow covers a small share of its remaining distance within any window, so its
+    size says little; its significance says it has not ended. With several chains, a
+    difference beyond ``significance`` normal standard errors (as a t quantile with chains − 1
+    degrees of freedom: 3.5 se at 4 chains, 2.5 at 8) therefore counts as a trend. With one
+    chain the standard error ignores autocorrelation, and only the size test applies.
 
     Args:
       draws: λ̂ per draw, ``(chains, draws)``, finite.
       times: simulated time (or step) of each draw, increasing, ``(draws,)``.
       rtol: the trend that counts as none, relative to λ̂.
       z: standard errors added to the trend in that test.
+      significance: the normal quantile beyond which a trend is significant (``inf``: size only).
       fractions: candidate burn-ins as fractions of the run, increasing.
 
     Returns:
       The earliest passing burn-in time, or ``None`` if λ̂ trends after every candidate.
     """
     draws, times = np.asarray(draws, float), np.asarray(times, float)
+    limit = _significance(draws.shape[0], significance) if draws.shape[0] > 1 and np.isfinite(significance) \
+        else np.inf
     for f in fractions:
         rest = draws[:, times >= f * times[-1]]
         half = rest.shape[1] // 2
         if half < 4:
             break
         difference, se = halves_trend(rest)
-        if abs(difference) + z * se <= rtol * abs(rest.mean()):
+        if abs(difference) + z * se <= rtol * abs(rest.mean()) and not abs(difference) > limit * se:
             return float(f * times[-1])
     return None
 

@@ -142,6 +142,21 @@ def test_equilibration_time_finds_the_end_of_a_transient_and_refuses_a_drift(see
     assert equilibration_time(drifting, times, rtol=0.01) is None
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_slow_significant_climb_is_a_trend_however_small(seed):
+    # 4 chains climbing 4 % over the run (the last quarter's halves differ by ~0.5 %, inside a
+    # 5 % tolerance) with little noise: the size test alone passes it; its significance does not.
+    rng = np.random.default_rng(seed)
+    times = np.linspace(0.0, 1.0, 4000)
+    climbing = 100.0 + 4.0 * times + rng.normal(0.0, 0.5, (4, times.size))
+    assert equilibration_time(climbing, times, significance=np.inf) is not None
+    assert equilibration_time(climbing, times) is None
+    # The same noise without the climb settles at the first candidate on most seeds: a burn-in, not
+    # a refusal (the t quantile with 3 degrees of freedom keeps false trends rare).
+    flat = 100.0 + rng.normal(0.0, 0.5, (4, times.size))
+    assert equilibration_time(flat, times) is not None
+
+
 
 
 # A point with a Laplace plateau: 64 stiff coordinates (L = ½·h_s·w², nβh_s = 1e4) and 64 flat
