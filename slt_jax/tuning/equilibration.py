@@ -62,7 +62,7 @@ def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0, sign
     climb that slow covers a small share of its remaining distance within any window, so its
     size says little; its significance says it has not ended. With several chains, a
     difference beyond ``significance`` normal standard errors (as a t quantile with chains − 1
-    degrees of freedom: 3.5 se at 4 chains, 2.5 at 8) therefore counts as a trend. With one
+    degrees of freedom: 3.3 se at 4 chains, 2.4 at 8) therefore counts as a trend. With one
     chain the standard error ignores autocorrelation, and only the size test applies.
 
     Args:
