@@ -108,6 +108,11 @@ def bench_model(name, spec, quick):
     return rows
 
 
+AUTO_COST_TARGET = 3.0
+"""Issue 16's target: ``step_size="auto"`` costs at most 3× a fixed-step run at its pick (same chains and
+draws)."""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the draws")
@@ -118,9 +123,15 @@ def main():
     print("| model | sampler | ε | λ̂ ± se | vs NUTS | wall s | per-sample gradients | fixed at the pick, s | auto / fixed |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = [row for name, spec in MODELS.items() for row in bench_model(name, spec, args.quick)]
+    ratios = [(r["auto_over_fixed"], f"{r['model']}, {r['sampler']}") for r in rows if "auto_over_fixed" in r]
+    worst = max(ratios) if ratios else None
+    met = None if worst is None else bool(worst[0] <= AUTO_COST_TARGET)
+    if worst is not None:
+        print(f"\ntarget auto / fixed ≤ {AUTO_COST_TARGET:g}× for every kernel: the largest is {worst[0]:.2f}× "
+              f"({worst[1]}), {'met' if met else 'MISSED'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"aoyagi_lambda": lam, "platform": platform.platform(), "jax": jax.__version__,
-            "device": str(jax.devices()[0]), "quick": args.quick}
+            "device": str(jax.devices()[0]), "quick": args.quick, "target_auto_over_fixed_le_3": met}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

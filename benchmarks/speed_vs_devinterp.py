@@ -350,6 +350,10 @@ def format_table(jax_res: dict, devinterp_res, ratios: dict) -> str:
     return "\n".join(lines)
 
 
+TARGETS = {"steady": 50.0, "end_to_end": 25.0}
+"""Issue 16's targets: chain-steps/s against devinterp 2.0.1 at equal work, steady state and end to end."""
+
+
 def main(argv=None):
     """Parse flags, run both halves, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -400,6 +404,10 @@ def main(argv=None):
           f"(first call: {jax_res['xla_compiles_first_call']}).")
     if llc_z is not None:
         print(f"λ̂ difference slt-jax − devinterp: {llc_z:+.2f} standard errors.")
+    targets = {name: None if name not in ratios else bool(ratios[name] >= limit) for name, limit in TARGETS.items()}
+    if ratios:
+        print("targets: " + "; ".join(f"{name.replace('_', ' ')} ≥ {limit:g}×: {ratios[name]:.1f}×, "
+                                      f"{'met' if targets[name] else 'MISSED'}" for name, limit in TARGETS.items()))
 
     report = {
         "problem": {
@@ -411,6 +419,7 @@ def main(argv=None):
         "slt_jax": jax_res,
         "devinterp": devinterp_res,
         "ratio_chain_steps_per_s": ratios or None,
+        "targets_met": targets,
         "llc_difference_z": llc_z,
         "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
                     "python": platform.python_version(), "load_avg_1_5_15min_before": load_before,

@@ -288,6 +288,10 @@ def vmapped_sgd_run(loss_fn, params, data, batch_size, num_chains, num_steps):
     return lambda: train(stacked, jax.random.key(2))
 
 
+STEP_COST_TARGET = 1.3
+"""Issue 16's target: the default ``estimate_llc`` chain-step ≤ 1.3× a vmapped ``lax.scan`` SGD step."""
+
+
 def reference(quick: bool):
     """The default chain-step against a vmapped SGD step (see the module docstring)."""
     import dataclasses
@@ -340,6 +344,7 @@ def reference(quick: bool):
             if label != "sgd":
                 row[f"{label} ms"] = per[label]
                 row[f"{label} / sgd"] = per[label] / per["sgd"]
+        row["target_default_le_1.3x"] = bool(row["default (table) / sgd"] <= STEP_COST_TARGET)
         rows.append(row)
         print(f"  reference {name}: default/sgd = {row['default (table) / sgd']:.2f}", file=sys.stderr)
     return rows
@@ -361,6 +366,9 @@ def main():
     if args.reference_only:
         rows = reference(args.quick)
         print(json.dumps(rows, indent=1))
+        for row in rows:
+            print(f"target default ≤ {STEP_COST_TARGET:g}× SGD, {row['workload']}: {row['default (table) / sgd']:.2f}×, "
+                  f"{'met' if row['target_default_le_1.3x'] else 'MISSED'}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).with_name("step_cost_reference.json").write_text(json.dumps(rows, indent=2))
         return
@@ -392,7 +400,8 @@ def main():
             if key.endswith(" ms"):
                 label = key[:-3]
                 print(f"| {label} | {value:.4f} | {row[label + ' / sgd']:.2f}× |")
-        print()
+        print(f"\ntarget default ≤ {STEP_COST_TARGET:g}× SGD: {row['default (table) / sgd']:.2f}×, "
+              f"{'met' if row['target_default_le_1.3x'] else 'MISSED'}\n")
     print(f"## Step cost ({results['device']}, jax {jax.__version__})\n")
     print(markdown(results["step_cost"], ["model", "num_params", "batch_size", "sgd_ms", "sgld_ms",
                                           "noise_ms", "sgld_over_sgd", "sgld_over_sgd_cpu"]))
