@@ -25,4 +25,3 @@ def stream(key, index: int, offset: int = 0):
 def chain_key(key, index):
     """Chain ``index``'s key: ``fold_in(key, index)``, independent of the number of chains."""
     return jax.random.fold_in(key, index)
-

@@ -176,6 +176,14 @@ def llc_uncertainty(draws, chain_se: float, *, step_bias: dict | None = None, st
     return out
 
 
+def t_equivalent(z: float, dof: int) -> float:
+    """``z`` normal standard errors as the same quantile of Student's t with ``dof`` degrees of freedom:
+    the threshold for a statistic whose standard error is the spread of ``dof + 1`` values."""
+    from scipy.special import ndtr, stdtrit  # here, not at import: scipy.stats would cost ~0.5 s to load
+
+    return float(stdtrit(dof, ndtr(z)))
+
+
 def llc_interval(mean: float, se: float, dof, level: float = 0.95) -> tuple[float, float]:
     """The two-sided ``level`` interval ``mean ± t·se``, t Student's quantile with ``dof``
     degrees of freedom (the normal's with ``dof=None``): with 8 chains t₀.₉₇₅ = 2.36, not 1.96."""

@@ -26,8 +26,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from slt_jax.data.streaming import Streamed
-from slt_jax.runner import sharding
 from slt_jax.keys import chain_key
+from slt_jax.runner import sharding
 from slt_jax.runner.chain import Fed, step_keys
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from slt_jax import keys
 from slt_jax.errors import CalibrationWarning
-from slt_jax.estimators.llc import halves_trend, llc_draws
+from slt_jax.estimators.llc import halves_trend, llc_draws, t_equivalent
 from slt_jax.results import Sampled
 from slt_jax.runner import sharding
 from slt_jax.runner.chains import run_chains, sampled_of, setup
@@ -46,9 +46,7 @@ def _significance(num_chains: int) -> float:
     2 chains (one degree of freedom) "3 se" was exceeded by one equilibrated quadratic in five."""
     if num_chains < 2:
         return TREND_Z
-    from scipy.special import ndtr, stdtrit  # here, not at import: scipy.stats costs ~0.5 s to load
-
-    return float(stdtrit(num_chains - 1, ndtr(TREND_Z)))
+    return t_equivalent(TREND_Z, num_chains - 1)
 
 
 def sample_checked(problem, kernel, run, key, *, step_size: float, progress=True) -> Sampled:

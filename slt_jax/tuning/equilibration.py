@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from slt_jax.estimators.llc import halves_trend
+from slt_jax.estimators.llc import halves_trend, t_equivalent
 from slt_jax.runner import sharding
 from slt_jax.runner.chain import ChainInputs, Draws, RunConfig
 from slt_jax.runner.chains import plan_chunks, run_chains
@@ -34,14 +34,6 @@ FRACTIONS = np.arange(1, 16) / 20
 SIGNIFICANCE_Z = 2.0
 """A trend significant beyond this many normal standard errors (as the same quantile of Student's t
 with ``chains − 1`` degrees of freedom) is a trend, however small (:func:`equilibration_time`)."""
-
-
-def _significance(num_chains: int, z: float) -> float:
-    """``z`` normal standard errors as the same quantile of Student's t with ``chains − 1`` degrees
-    of freedom (the trend's se is the spread of that many chain-paired differences)."""
-    from scipy.special import ndtr, stdtrit  # here, not at import: see slt_jax.tuning.checks
-
-    return float(stdtrit(num_chains - 1, ndtr(z)))
 
 
 def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0, significance: float = SIGNIFICANCE_Z,
@@ -77,7 +69,7 @@ def equilibration_time(draws, times, *, rtol: float = 0.05, z: float = 1.0, sign
       The earliest passing burn-in time, or ``None`` if λ̂ trends after every candidate.
     """
     draws, times = np.asarray(draws, float), np.asarray(times, float)
-    limit = _significance(draws.shape[0], significance) if draws.shape[0] > 1 and np.isfinite(significance) \
+    limit = t_equivalent(significance, draws.shape[0] - 1) if draws.shape[0] > 1 and np.isfinite(significance) \
         else np.inf
     for f in fractions:
         rest = draws[:, times >= f * times[-1]]
