@@ -124,7 +124,8 @@ class SweepSettings:
     """The step-size sweep of :func:`slt_jax.calibrate` (docs/mathematics.md §3).
 
     Attributes:
-      num_chains: chains per step size (more sharpen the agreement test).
+      num_chains: chains per step size (more sharpen the agreement test); ``None`` for the
+        kernel's own (:attr:`~slt_jax.samplers.KernelFactory.sweep_chains`: 4, SGNHT 8).
       num_steps: steps of the program, i.e. of the smallest step size; ``T = num_steps·ε_min``
         is every group's simulated time.
       burnin_fraction: the part of T before the comparison window, in (0, 1).
@@ -153,7 +154,7 @@ class SweepSettings:
         ``"warn"`` (use the smallest stable step, unverified, with a ``CalibrationWarning``).
     """
 
-    num_chains: int = 4
+    num_chains: int | None = None
     num_steps: int = 6000
     burnin_fraction: float = 0.5
     rtol: float = 0.05
@@ -170,7 +171,9 @@ class SweepSettings:
     on_unverified: str = "raise"
 
     def __post_init__(self):
-        for name in ("num_chains", "num_steps", "grid_points", "min_window_draws", "window_draws"):
+        if self.num_chains is not None:
+            _positive_int("num_chains", self.num_chains)
+        for name in ("num_steps", "grid_points", "min_window_draws", "window_draws"):
             _positive_int(name, getattr(self, name))
         _positive_int("max_grid_extensions", self.max_grid_extensions, allow_zero=True)
         if self.on_unverified not in ("raise", "warn"):

@@ -51,6 +51,7 @@ step and their run doubles while λ̂ trends (:mod:`slt_jax.tuning.equilibration
 highly singular points λ̂ can sit on a plateau for a while and then climb.
 """
 
+import dataclasses
 import itertools
 import math
 import time
@@ -142,6 +143,8 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     every setting whose pick is not verified by two consecutive agreeing step sizes, one more
     step size below its smallest per round (equal simulated time: twice the steps at half the
     step), up to ``sweep.max_grid_extensions`` rounds."""
+    if sweep.num_chains is None:
+        sweep = dataclasses.replace(sweep, num_chains=kernel.sweep_chains)
     n, num_chains, num_steps = problem.n, sweep.num_chains, sweep.num_steps
     key_grid, key_chains, key_mala = jax.random.split(key, 3)
     started = time.perf_counter()
