@@ -33,6 +33,12 @@ slt-jax is timed twice in one process: the first call includes compilation, the 
 key) must reuse the compiled programs — the XLA compilations it triggers are counted and
 reported. devinterp has no compilation; its time in the sampling loop proper is measured
 apart from its set-up (init loss over every chain, zarr store) by timing each chain.
+
+A shared machine's speed swings within minutes (up to 2.8× here), and slt-jax's few seconds
+can fall into a slow patch that devinterp's minutes average out. So slt-jax's half runs
+``--repeats`` times (default 3), each in a fresh Python process — every first call compiles
+from scratch — half of them before devinterp and half after; the ratios use the median of
+each measure, and the table and the JSON give every run.
 """
 
 import argparse
@@ -43,6 +49,8 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -193,6 +201,26 @@ def run_slt_jax(weights, x, y, num_chains: int, num_steps: int) -> dict:
         "device": str(jax.devices()[0]),
         "jax_version": jax.__version__,
     }
+
+
+def run_slt_jax_fresh(num_chains: int, num_steps: int) -> dict:
+    """:func:`run_slt_jax` in a fresh Python process (its first call compiles from scratch)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "slt_jax.json"
+        subprocess.run([sys.executable, __file__, "--chains", str(num_chains), "--steps", str(num_steps),
+                        "--slt-jax-only", str(out)], check=True)
+        return json.loads(out.read_text())
+
+
+def median_runs(runs: list[dict]) -> dict:
+    """Every numeric measure's median over the runs (the rest from the first); ``runs`` beside."""
+    merged = dict(runs[0])
+    for name, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            median = float(np.median([r[name] for r in runs]))
+            merged[name] = int(median) if isinstance(value, int) and median.is_integer() else median
+    merged["runs"] = runs
+    return merged
 
 
 def _torch_dln(torch, weights):
@@ -365,23 +393,32 @@ def main(argv=None):
     # (measured: 38 µs per Linear call with 1 thread, 2.3 ms with 2 under load).
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1, its fastest for this model)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="slt-jax runs, each in a fresh process, around devinterp's (default 3)")
+    parser.add_argument("--slt-jax-only", type=Path, metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "speed_vs_devinterp.json",
                         help="where to write the JSON results")
     args = parser.parse_args(argv)
-    for name in ("chains", "steps", "threads"):
+    for name in ("chains", "steps", "threads", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    weights, x, y = make_problem()
+    if args.slt_jax_only is not None:  # one fresh-process run of slt-jax's half, for the parent
+        args.slt_jax_only.write_text(json.dumps(json_safe(run_slt_jax(weights, x, y, args.chains, args.steps))))
+        return
 
     # Timings on a shared machine move with its load: record it beside them.
     load_before = os.getloadavg()
-    weights, x, y = make_problem()
-    jax_res = run_slt_jax(weights, x, y, args.chains, args.steps)
+    before = (args.repeats + 1) // 2
+    runs = [run_slt_jax_fresh(args.chains, args.steps) for _ in range(before)]
     devinterp_res = None
     if args.skip_devinterp:
         print("devinterp skipped (--skip-devinterp).")
     else:
         devinterp_res = run_devinterp(weights, x, y, args.chains, args.steps, args.threads)
+    runs += [run_slt_jax_fresh(args.chains, args.steps) for _ in range(args.repeats - before)]
+    jax_res = median_runs(runs)
     ratios, llc_z = {}, None
     if devinterp_res is not None:
         ratios = {
@@ -400,6 +437,10 @@ def main(argv=None):
           f"ε = {STEP_SIZE:g}, γ = {LOCALIZATION:g}, nβ = {NBETA:.1f}, "
           f"{args.chains} chains × {args.steps} steps, no burn-in")
     print(format_table(jax_res, devinterp_res, ratios))
+    if len(runs) > 1:
+        print(f"slt-jax medians of {len(runs)} fresh-process runs ({before} before devinterp); each run's wall time, "
+              "compile included / excluded: " + ", ".join(
+                  f"{r['wall_s_compile_included']:.2f} / {r['wall_s_compile_excluded']:.2f} s" for r in runs) + ".")
     print(f"slt-jax second call: {jax_res['xla_compiles_second_call']} XLA compilations "
           f"(first call: {jax_res['xla_compiles_first_call']}).")
     if llc_z is not None:
@@ -416,6 +457,7 @@ def main(argv=None):
             "num_chains": args.chains, "num_steps": args.steps, "num_burnin": 0,
             "data_seed": DATA_SEED, "noise_free": True, "aoyagi_lambda": 46.0,
         },
+        "slt_jax_repeats": {"runs": len(runs), "before_devinterp": before, "statistic": "median"},
         "slt_jax": jax_res,
         "devinterp": devinterp_res,
         "ratio_chain_steps_per_s": ratios or None,
