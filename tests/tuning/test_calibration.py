@@ -354,6 +354,16 @@ def test_schedule_plot_and_json(tmp_path):
     assert "| step size |" in str(cal)
 
 
+@pytest.mark.parametrize("sampler, chains", [("sgld", 4), ("rmsprop_sgld", 4), ("sgnht", 8)])
+def test_sweep_chains_are_the_kernels_unless_given(sampler, chains):
+    kw = dict(localization=GAMMA, nbeta=NBETA, step_sizes=GRID[:2], batch_size=1, num_steps=200,
+              max_grid_extensions=0, sampler=sampler, progress=False)
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), **kw)
+    assert cal.settings["num_chains"] == chains and cal.llc_per_chain.shape == (2, chains)
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), num_chains=2, **kw)
+    assert cal.settings["num_chains"] == 2 and cal.llc_per_chain.shape == (2, 2)
+
+
 def test_nothing_passing_raises_calibration_error():
     # Every step size is beyond the stability limit 4/a of the stiffest direction (the grid's
     # shape is the pick test's, so the compiled program is shared).
