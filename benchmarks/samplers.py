@@ -22,7 +22,7 @@ samplers; chains × leapfrog steps × n for NUTS).
 
 Run::
 
-    python benchmarks/samplers.py [--quick] [--out benchmarks/results/samplers.json]
+    python benchmarks/samplers.py [--quick] [--samplers sgnht …] [--out benchmarks/results/samplers.json]
 
 It prints a markdown table and writes JSON.
 """
@@ -50,6 +50,9 @@ MODELS = {
 }
 
 
+KERNELS = ("sgld", "sgld_rademacher", "rmsprop_sgld", "sgnht")
+
+
 def timed(fn):
     """Run ``fn`` twice (the first call compiles); return the second result and its wall time."""
     fn(0)
@@ -66,7 +69,7 @@ def print_row(r):
           f"{r['seconds']:.1f} | {r['gradients']:.2e}{auto} |", flush=True)
 
 
-def bench_model(name, spec, quick):
+def bench_model(name, spec, quick, samplers):
     key_teacher, key_data = jax.random.split(jax.random.key(0))
     teacher = dln_teacher(key_teacher, (4, 3, 4), 1)
     data = dln_data(key_data, teacher, spec["n"])
@@ -78,7 +81,8 @@ def bench_model(name, spec, quick):
     leapfrog = truth.sampler_stats["mean_leapfrog_steps"] * 8 * (nuts_kw["num_draws"] + nuts_kw["num_burnin"])
     rows = [dict(model=name, sampler="nuts", step_size=None, llc=truth.llc_mean, se=truth.llc_se,
                  seconds=nuts_time, gradients=leapfrog * spec["n"])]
-    runs = [(s, eps) for s, eps in spec["steps"].items()] + [("sgld", spec["large"])]
+    runs = [(s, eps) for s, eps in spec["steps"].items() if s in samplers]
+    runs += [("sgld", spec["large"])] if "sgld" in samplers else []
     for sampler, eps in runs:
         kw = dict(sampler=sampler, step_size=eps, localization=spec["gamma"], batch_size=100,
                   num_chains=spec["chains"], num_burnin=int(spec["burnin"] * scale),
@@ -87,7 +91,7 @@ def bench_model(name, spec, quick):
         steps = kw["num_burnin"] + kw["num_draws"]
         rows.append(dict(model=name, sampler=sampler, step_size=eps, llc=r.llc_mean, se=r.llc_se,
                          seconds=seconds, gradients=spec["chains"] * steps * 100))
-    for sampler in spec["steps"]:
+    for sampler in samplers:
         kw = dict(sampler=sampler, localization=spec["gamma"], batch_size=100, num_chains=spec["chains"],
                   num_burnin=int(spec["burnin"] * scale), num_draws=int(spec["draws"] * scale), progress=False)
         auto, auto_time = timed(lambda s: slt_jax.estimate_llc(dln_loss, teacher, data, jax.random.key(s),
@@ -116,13 +120,15 @@ draws)."""
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the draws")
+    parser.add_argument("--samplers", nargs="+", choices=KERNELS, default=list(KERNELS),
+                        help="the SGLD-family kernels to run (default all; NUTS always runs)")
     parser.add_argument("--out", default="benchmarks/results/samplers.json")
     args = parser.parse_args()
     lam = float(dln_learning_coefficient((4, 3, 4), 1).lam)
     print(f"Aoyagi's λ for widths (4, 3, 4), rank 1: {lam:g} (the γ → 0, n → ∞ limit)\n")
     print("| model | sampler | ε | λ̂ ± se | vs NUTS | wall s | per-sample gradients | fixed at the pick, s | auto / fixed |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
-    rows = [row for name, spec in MODELS.items() for row in bench_model(name, spec, args.quick)]
+    rows = [row for name, spec in MODELS.items() for row in bench_model(name, spec, args.quick, args.samplers)]
     ratios = [(r["auto_over_fixed"], f"{r['model']}, {r['sampler']}") for r in rows if "auto_over_fixed" in r]
     worst = max(ratios) if ratios else None
     met = None if worst is None else bool(worst[0] <= AUTO_COST_TARGET)
@@ -131,7 +137,8 @@ def main():
               f"({worst[1]}), {'met' if met else 'MISSED'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"aoyagi_lambda": lam, "platform": platform.platform(), "jax": jax.__version__,
-            "device": str(jax.devices()[0]), "quick": args.quick, "target_auto_over_fixed_le_3": met}
+            "device": str(jax.devices()[0]), "quick": args.quick, "samplers": args.samplers,
+            "target_auto_over_fixed_le_3": met}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
