@@ -148,7 +148,7 @@ def wilson(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
     p = hits / total
     centre = (p + z**2 / (2 * total)) / (1 + z**2 / total)
     half = z * math.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / (1 + z**2 / total)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)  # at 0 or n hits rounding can cross the bound
 
 
 def coverage_row(name, results, truth_of) -> dict:
