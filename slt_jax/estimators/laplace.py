@@ -29,6 +29,7 @@ Two ways to compute it (``laplace_llc(method=...)``):
 ``method="auto"`` (the default) is dense up to :data:`MAX_PARAMS` parameters, Lanczos above.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -145,16 +146,30 @@ def laplace_llc(loss_fn, params, data, *, localization: float, nbeta: float | No
     if flat.size > MAX_PARAMS:
         raise ValueError(f"params has {flat.size} numbers; laplace_llc builds a dense Hessian and takes at most "
                          f"{MAX_PARAMS}")
-    hessian = jax.jit(jax.hessian(lambda v, batch: loss_fn(unravel(v), batch)))
+    try:
+        hash(loss_fn)
+        hessian = functools.partial(_batch_hessian, loss_fn)
+    except TypeError:  # an unhashable loss_fn: compile for this call only
+        hessian = jax.jit(lambda params, batch: _batch_hessian.__wrapped__(loss_fn, params, batch))
+    params = unravel(flat)
     total = np.zeros((flat.size, flat.size))
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
         batch = jax.tree.map(lambda x: x[start:start + rows], data)
-        total += rows * np.asarray(hessian(flat, batch), np.float64)
+        total += rows * np.asarray(hessian(params, batch), np.float64)
     eigenvalues = np.linalg.eigvalsh(0.5 * (total + total.T) / n)
     return LaplaceLLC(regular_llc(eigenvalues, nbeta, localization), eigenvalues,
                       int(np.sum(nbeta * eigenvalues > localization)), float(nbeta), float(localization),
                       0.0, "dense")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_hessian(loss_fn, params, batch):
+    """The Hessian of ``loss_fn(·, batch)`` at ``params`` in ``ravel_pytree`` order: one program per
+    loss and shapes, reused by later calls (a fresh closure per call compiled again each time:
+    0.3–0.4 s of every ``step_size="auto"`` run on a 24-parameter DLN)."""
+    flat, unravel = ravel_pytree(params)
+    return jax.hessian(lambda v: loss_fn(unravel(v), batch))(flat)
 
 
 def _lanczos_llc(loss_fn, flat, unravel, data, n, nbeta, localization, batch_size, key, num_probes, num_steps):
