@@ -124,14 +124,8 @@ class SweepSettings:
     """The step-size sweep of :func:`slt_jax.calibrate` (docs/mathematics.md §3).
 
     Attributes:
-      num_chains: chains per step size in each round (more sharpen the agreement test).
-      confirm_chains: chains the step sizes that decide a verified pick (its
-        :attr:`~slt_jax.tuning.choice.StepChoice.decided_by`) must have before the pick is
-        accepted: where they have fewer, a round of new chains at those steps tops them up (pooled
-        chain by chain) and the rule decides again; ``None`` for the kernel's own
-        (:attr:`~slt_jax.samplers.KernelFactory.confirm_chains`: SGNHT 8, the others 0 — no
-        top-up). The chains are spent where the decision is made, not on every grid point
-        (docs/calibration.md §3a).
+      num_chains: chains per step size (more sharpen the agreement test); ``None`` for the
+        kernel's own (:attr:`~slt_jax.samplers.KernelFactory.sweep_chains`: 4, SGNHT 8).
       num_steps: steps of the program, i.e. of the smallest step size; ``T = num_steps·ε_min``
         is every group's simulated time.
       burnin_fraction: the part of T before the comparison window, in (0, 1).
@@ -160,8 +154,7 @@ class SweepSettings:
         ``"warn"`` (use the smallest stable step, unverified, with a ``CalibrationWarning``).
     """
 
-    num_chains: int = 4
-    confirm_chains: int | None = None
+    num_chains: int | None = None
     num_steps: int = 6000
     burnin_fraction: float = 0.5
     rtol: float = 0.05
@@ -178,9 +171,8 @@ class SweepSettings:
     on_unverified: str = "raise"
 
     def __post_init__(self):
-        _positive_int("num_chains", self.num_chains)
-        if self.confirm_chains is not None:
-            _positive_int("confirm_chains", self.confirm_chains, allow_zero=True)
+        if self.num_chains is not None:
+            _positive_int("num_chains", self.num_chains)
         for name in ("num_steps", "grid_points", "min_window_draws", "window_draws"):
             _positive_int(name, getattr(self, name))
         _positive_int("max_grid_extensions", self.max_grid_extensions, allow_zero=True)

@@ -224,9 +224,8 @@ FLAGS: tuple[Flag, ...] = (
     _auto("laplace_dense_params", INT, "up to this many sampled parameters the Laplace value is dense",
           metavar="N"),
     # SweepSettings: the step-size sweep of calibrate and of --step-size auto.
-    _sweep("num_chains", INT, "chains per step size in each round of the sweep", name="sweep_chains", metavar="N"),
-    _sweep("confirm_chains", INT, "chains the step sizes that decide the sweep's pick must have before it is "
-           "accepted; new chains top them up (default the sampler's: sgnht 8, others 0)", metavar="N"),
+    _sweep("num_chains", INT, "chains per step size in the sweep (default the sampler's: 4, sgnht 8)",
+           name="sweep_chains", metavar="N"),
     _sweep("num_steps", INT, "steps of the sweep (of its smallest step size)", name="sweep_steps", metavar="N"),
     _sweep("burnin_fraction", FLOAT, "the part of the sweep's simulated time before its comparison window",
            metavar="X"),

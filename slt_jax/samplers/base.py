@@ -81,14 +81,12 @@ class KernelFactory(NamedTuple):
     fields are traced arrays, so one compiled program serves every checkpoint, step size and
     temperature. ``stability`` says how the step size meets the potential's curvature
     (:class:`Stability`): what calibration places its grid and checks its chains with.
-    ``confirm_chains`` is how many chains the step sizes that decide a calibration sweep's pick
-    must have before it is accepted, unless told otherwise
-    (:attr:`~slt_jax.settings.SweepSettings.confirm_chains`; 0: the sweep's own groups suffice):
-    enough that two neighbouring steps' group means come out in the order of their bias
-    (docs/calibration.md §10).
+    ``sweep_chains`` is how many chains a calibration sweep runs per step size unless told
+    otherwise (:class:`~slt_jax.settings.SweepSettings`): enough that two neighbouring steps'
+    group means come out in the order of their bias (docs/calibration.md §10).
     """
 
     name: str
     build: Callable[..., SamplingAlgorithm]
     stability: Stability = SGLD_STABILITY
-    confirm_chains: int = 0
+    sweep_chains: int = 4

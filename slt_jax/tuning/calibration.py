@@ -37,11 +37,9 @@ class Calibration:
         ``equilibration_time`` (when λ̂ stopped trending at the chosen step size, ``None`` if
         it did not), ``equilibrated`` and ``burnin_time`` (what an estimate should burn in);
         and the evidence: ``verified`` (two consecutive steps agreed), the agreeing ``pair``,
-        the pick's extrapolated ``bias`` (``estimate``, ``se``, ``bound``, ``kappa``), the steps
-        it was ``decided_by`` with their chain counts, ``extensions`` (rounds run after the grid
-        while this setting was unverified), ``sweeps`` (each round's ``purpose`` — ``grid``,
-        ``extend``, ``replicate`` or ``confirm`` —, step sizes, steps, chain-steps and seconds)
-        and ``unverified_step_size``.
+        the pick's extrapolated ``bias`` (``estimate``, ``se``, ``bound``, ``kappa``),
+        ``extensions`` (rounds run after the grid for this setting), ``sweeps`` (each round's
+        step sizes, steps, chain-steps and seconds) and ``unverified_step_size``.
       settings: the sweep's settings (JSON-ready).
     """
 

@@ -37,10 +37,6 @@ class StepChoice(NamedTuple):
         below it (or, for the smallest of the pair, from the step above): ``estimate``
         (signed), ``se``, ``bound`` (κ·(|Δλ̂| + z·se), what the pick must keep within
         ``rtol·|λ̂_ref|``) and ``kappa``; ``None`` when unverified.
-      decided_by: the step sizes whose λ̂ that bound rests on — the pick and the ``"ok"`` steps
-        below it, or, for the smallest stable step, it and the step above whose chord bounds
-        it; empty when unverified. The sweep tops these up with new chains before it accepts
-        the pick (``SweepSettings.confirm_chains``).
     """
 
     status: tuple
@@ -50,7 +46,6 @@ class StepChoice(NamedTuple):
     verified: bool = False
     pair: tuple | None = None
     bias: dict | None = None
-    decided_by: tuple = ()
 
 
 def _instability(mean, se, mala, check_z, min_mala_acceptance) -> str | None:
@@ -226,7 +221,6 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
     pair = (float(step_sizes[best]), bounds[best]["against"]) if best == low else (
         bounds[best]["against"], float(step_sizes[best]))
     pair = tuple(sorted(pair))
-    decided_by = pair if best == low else tuple(float(step_sizes[g]) for g in ok if g <= best)
     if best == low:
         why = (f"the smallest stable step size, its bias bounded by {bounds[low]['bound'] / abs(scale / rtol):.1%} "
                f"against {bounds[low]['against']:.3g} (within {rtol:.0%})")
@@ -239,4 +233,4 @@ def choose_step_size(step_sizes, llc_mean, llc_se, *, trend=None, trend_se=None,
     if best + 1 < k and (best == ok[-1] or best == low):
         why += f"; the next, {step_sizes[best + 1]:.3g}, is {status[best + 1]} ({reason[best + 1]})"
     return StepChoice(tuple(status), tuple(reason), float(step_sizes[best]), why, verified=True, pair=pair,
-                      bias=bounds[best], decided_by=decided_by)
+                      bias=bounds[best])

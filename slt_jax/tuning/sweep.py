@@ -142,11 +142,9 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     ``step_size="auto"`` runs): one chain group per (nβ, γ, ε), one compiled program; then, for
     every setting whose pick is not verified by two consecutive agreeing step sizes, one more
     step size below its smallest per round (equal simulated time: twice the steps at half the
-    step), up to ``sweep.max_grid_extensions`` rounds; and, for a verified pick whose deciding
-    step sizes have fewer than ``sweep.confirm_chains`` chains, a round that tops them up before
-    the rule decides again."""
-    if sweep.confirm_chains is None:
-        sweep = dataclasses.replace(sweep, confirm_chains=kernel.confirm_chains)
+    step), up to ``sweep.max_grid_extensions`` rounds."""
+    if sweep.num_chains is None:
+        sweep = dataclasses.replace(sweep, num_chains=kernel.sweep_chains)
     n, num_chains, num_steps = problem.n, sweep.num_chains, sweep.num_steps
     key_grid, key_chains, key_mala = jax.random.split(key, 3)
     started = time.perf_counter()
@@ -181,7 +179,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     groups_run = GroupRunner(problem, kernel, run, sweep, window_start, total_time, mala, progress)
     round_start = time.perf_counter()
     rows = groups_run(groups, num_steps, steps_per_draw, key_chains, key_mala)
-    sweeps = [{"round": 0, "purpose": "grid", "step_sizes": [g[1] for g in groups], "num_steps": num_steps,
+    sweeps = [{"round": 0, "step_sizes": [g[1] for g in groups], "num_steps": num_steps,
                "chain_steps": len(groups) * num_chains * num_steps, "seconds": time.perf_counter() - round_start}]
 
     def verdict(s):
@@ -200,25 +198,13 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     # where its smallest stable step and the next one up differ by less than the tolerance and
     # only their standard error keeps them from agreeing, both are run again with as many new
     # chains as they have had (their runs are pooled); otherwise — a real difference, or nothing stable above or
-    # at all — the grid extends down by one step, ε_min/f, run for T/ε_min·f steps. Once a pick is
-    # verified, the step sizes it rests on are topped up to confirm_chains chains (if they have
-    # fewer) and the rule decides again: the chains go where the decision is made. Rounds of
-    # top-ups do not count against the budget; they end because each brings its steps to
-    # confirm_chains and only extensions add steps.
+    # at all — the grid extends down by one step, ε_min/f, run for T/ε_min·f steps.
     extensions = [0] * len(setting_pairs)
-    chains_at = lambda s, eps: num_chains * sum(1 for g in groups if g[0] == s and g[1] == eps)
-    k = 0
-    while True:
-        new, purposes = [], []
+    for k in range(1, sweep.max_grid_extensions + 1):
+        new = []
         for s in range(len(setting_pairs)):
             steps, pooled, choice = verdict(s)
             if choice.verified:
-                for eps in choice.decided_by:
-                    short = sweep.confirm_chains - chains_at(s, eps)
-                    new += [(s, eps, *setting_pairs[s])] * max(0, math.ceil(short / num_chains))
-                    purposes += ["confirm"] if short > 0 else []
-                continue
-            if extensions[s] >= sweep.max_grid_extensions:
                 continue
             extensions[s] += 1
             stable = [i for i, st in enumerate(choice.status) if st == "ok"]
@@ -234,9 +220,8 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
             if noisy:
                 # As many new chains as the pair's smaller step has had so far (at most 4 groups'
                 # worth): the standard error of their difference shrinks by √2 per round or faster.
-                runs = chains_at(s, steps[stable[0]]) // num_chains
+                runs = sum(1 for g in groups if g[0] == s and g[1] == steps[stable[0]])
                 added = [steps[stable[0]], steps[nxt]] * min(runs, 4)
-                purposes.append("replicate")
             else:
                 # Down one grid factor — or, where the kernel predicts the step its health test needs
                 # (SGNHT: the minibatch heat falls with ε), straight there (at most f³ below) together
@@ -246,14 +231,9 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
                 if predicted is not None and predicted < added[0]:
                     top = max(predicted, steps[0] / sweep.grid_factor**3)
                     added = [top, top / sweep.grid_factor]
-                # A new smallest step becomes the reference, which every verified pick rests on:
-                # it runs with confirm_chains chains at once rather than in a later top-up round.
-                added = [eps for eps in added for _ in range(max(1, math.ceil(sweep.confirm_chains / num_chains)))]
-                purposes.append("extend")
             new += [(s, eps, *setting_pairs[s]) for eps in added]
         if not new:
             break
-        k += 1
         # One program per round: every new group runs as long as its smallest step needs (T/ε),
         # recording at the thinning that gives that step the grid's draw count.
         longest = max(total_time[g[0]] / g[1] for g in new)
@@ -262,8 +242,8 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
         rows += groups_run(new, math.ceil(longest), spd, jax.random.fold_in(key_chains, k),
                            jax.random.fold_in(key_mala, k))
         groups += new
-        sweeps.append({"round": k, "purpose": "+".join(sorted(set(purposes))), "step_sizes": [g[1] for g in new],
-                       "num_steps": math.ceil(longest), "chain_steps": len(new) * num_chains * math.ceil(longest),
+        sweeps.append({"round": k, "step_sizes": [g[1] for g in new], "num_steps": math.ceil(longest),
+                       "chain_steps": len(new) * num_chains * math.ceil(longest),
                        "seconds": time.perf_counter() - round_start})
 
     num_groups = len(groups)
@@ -285,7 +265,6 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
                 chosen = None
         choice = {"nbeta": nb, "localization": gamma, "step_size": chosen, "reason": why,
                   "verified": verdict_s.verified, "pair": verdict_s.pair, "bias": verdict_s.bias,
-                  "decided_by": [{"step_size": eps, "chains": chains_at(s, eps)} for eps in verdict_s.decided_by],
                   "unverified_step_size": None if verdict_s.verified else verdict_s.step_size,
                   "extensions": extensions[s], "sweeps": [w for w in sweeps if any(
                       g[0] == s and g[1] in w["step_sizes"] for g in groups)],

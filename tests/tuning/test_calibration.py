@@ -65,21 +65,6 @@ def test_rule_picks_the_smaller_of_a_pair_whose_larger_step_may_carry_twice_thei
     assert many.step_size == 2e-5 and many.bias["kappa"] < 1.5
 
 
-def test_rule_names_the_steps_its_verification_rests_on():
-    # A larger pick rests on itself and the agreeing steps below it; the smallest step, picked for
-    # want of a larger one that fits, on itself and the step whose chord bounds it; an unverified
-    # pick on nothing.
-    larger = choose_step_size([2.5e-6, 5e-6, 1e-5, 2e-5], [10.0, 10.0, 10.0, 10.2], [0.07] * 4, rtol=0.05, z=1.0)
-    assert larger.step_size == 2e-5 and larger.decided_by == (2.5e-6, 5e-6, 1e-5, 2e-5)
-    smallest = choose_step_size([1e-5, 2e-5], [10.0, 10.2], [0.07, 0.07], rtol=0.05, z=1.0)
-    assert smallest.step_size == 1e-5 and smallest.decided_by == (1e-5, 2e-5)
-    chord = choose_step_size([1e-5, 2e-5, 4e-5, 8e-5], [10.0, 10.6, 10.9, 11.4], [0.1] * 4, rtol=0.05, z=1.0)
-    assert chord.step_size == 1e-5 and chord.verified and chord.decided_by == (1e-5, chord.bias["against"])
-    assert chord.bias["against"] == 8e-5
-    alone = choose_step_size([1e-5, 2e-5], [10.0, 12.0], [0.1, 0.1], rtol=0.05, z=1.0)
-    assert not alone.verified and alone.decided_by == ()
-
-
 def test_rule_health_marks_a_group_unstable():
     choice = choose_step_size([1e-5, 2e-5, 4e-5], [10.0, 10.0, 10.0], [0.01] * 3,
                               unhealthy=[None, None, "kinetic temperature 1.3"])
@@ -369,29 +354,14 @@ def test_schedule_plot_and_json(tmp_path):
     assert "| step size |" in str(cal)
 
 
-@pytest.mark.parametrize("sampler, confirm, given", [("sgld", 0, None), ("rmsprop_sgld", 0, None), ("sgnht", 8, None),
-                                                     ("sgld", 8, 8), ("sgnht", 0, 0)])
-def test_the_steps_that_decide_the_pick_are_topped_up_to_the_kernels_confirm_chains(sampler, confirm, given):
-    # Four chains per step in the grid; where the kernel (or the caller) asks for more at the steps
-    # that decide the pick, a round of new chains at those steps tops them up before it is accepted.
-    kw = dict(localization=GAMMA, nbeta=NBETA, step_sizes=GRID, batch_size=1, num_steps=6000,
+@pytest.mark.parametrize("sampler, chains", [("sgld", 4), ("rmsprop_sgld", 4), ("sgnht", 8)])
+def test_sweep_chains_are_the_kernels_unless_given(sampler, chains):
+    kw = dict(localization=GAMMA, nbeta=NBETA, step_sizes=GRID[:2], batch_size=1, num_steps=200,
               max_grid_extensions=0, sampler=sampler, progress=False)
-    if given is not None:
-        kw["confirm_chains"] = given
     cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), **kw)
-    choice = cal.choice()
-    assert cal.settings["num_chains"] == 4 and cal.settings["confirm_chains"] == confirm
-    assert choice["verified"] and choice["decided_by"]
-    purposes = [w["purpose"] for w in choice["sweeps"]]
-    decided = [d["step_size"] for d in choice["decided_by"]]
-    if confirm:
-        # Topping up can move the pick; then its new deciding steps are topped up in turn.
-        assert purposes[0] == "grid" and set(purposes[1:]) == {"confirm"}
-        confirmed = {eps for w in choice["sweeps"][1:] for eps in w["step_sizes"]}
-        assert set(decided) <= confirmed and all(d["chains"] == 8 for d in choice["decided_by"])
-        assert len(cal.step_sizes) == len(GRID) + sum(len(w["step_sizes"]) for w in choice["sweeps"][1:])
-    else:
-        assert purposes == ["grid"] and all(d["chains"] == 4 for d in choice["decided_by"])
+    assert cal.settings["num_chains"] == chains and cal.llc_per_chain.shape == (2, chains)
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), num_chains=2, **kw)
+    assert cal.settings["num_chains"] == 2 and cal.llc_per_chain.shape == (2, 2)
 
 
 def test_nothing_passing_raises_calibration_error():
