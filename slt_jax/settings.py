@@ -60,8 +60,8 @@ class RunSettings:
       loss_estimator: what each draw records: ``"control_variate"`` ``nβ·(L_B(w_t) − L_B(w*))``
         on the same batch, ``"minibatch"`` ``nβ·(L_B(w_t) − L_n(w*))``, ``"full_batch"`` the
         exact loss (docs/mathematics.md §1).
-      chunk_size: steps per compiled chunk; ``None`` for about a twentieth of the run, a power
-        of two (one chunk size is one compiled program).
+      chunk_size: steps per compiled chunk; ``None`` for 512, or the run's own power of
+        two where that is smaller (one chunk size is one compiled program, shared by runs of any length).
       divergence_threshold: a chain diverges when ``nβ·(L_B(w_t) − L_n(w*))`` exceeds this;
         ``None`` for ``10·d + 100 + 20·nβ·std(L_B(w*))``.
       on_divergence: ``"warn"`` (diverged chains are named and excluded) or ``"raise"``.

@@ -160,11 +160,11 @@ def test_one_compiled_program_serves_many_points():
 
 
 def test_runs_of_other_lengths_reuse_the_compiled_chunk():
-    # A given chunk_size is used as it is; the default rounds a twentieth of the run up to a
-    # power of two (at least 128 steps, at most the run's own power of two).
+    # A given chunk_size is used as it is; the default is 512 steps, or the run's own power of
+    # two where that is smaller, so runs of 512 steps or more share one program.
     assert plan_chunks(9011, 500) == (19, 500) and plan_chunks(9011) == (18, 512)
-    assert plan_chunks(3000) == (12, 256) and plan_chunks(4000) == (16, 256)
-    assert plan_chunks(40) == (1, 64) and plan_chunks(0) == (0, 0)
+    assert plan_chunks(3000) == (6, 512) and plan_chunks(15010) == (30, 512)
+    assert plan_chunks(300) == (1, 512) and plan_chunks(40) == (1, 64) and plan_chunks(0) == (0, 0)
     traces = []
 
     def loss_fn(w, batch):
@@ -178,10 +178,11 @@ def test_runs_of_other_lengths_reuse_the_compiled_chunk():
     first = len(traces)
     run(150, 333, chunk_size=64)
     assert len(traces) == first
-    run(1000, 2000)  # 3000 steps: chunks of 256, a new program
+    run(100, 200)  # 300 steps: one chunk of 512, a new program
     second = len(traces)
     assert second > first
-    run(1000, 3000)  # 4000 steps: the same chunks of 256
+    run(1000, 2000)  # 3000 and 6000 steps: the same chunks of 512
+    run(3000, 3000)
     assert len(traces) == second
 
 

@@ -200,7 +200,7 @@ FLAGS: tuple[Flag, ...] = (
     _run("steps_per_draw", INT, "sampler steps between draws", metavar="N"),
     _run("batch_size", INT, "rows per gradient minibatch (default min(256, n))", ALL, metavar="N"),
     _run("loss_estimator", str, "what each draw records", choices=("control_variate", "minibatch", "full_batch")),
-    _run("chunk_size", INT, "steps per compiled chunk (default about a twentieth of the run, a power of 2)", ALL,
+    _run("chunk_size", INT, "steps per compiled chunk (default 512, or the run's power of 2 if smaller)", ALL,
          metavar="N"),
     _run("divergence_threshold", FLOAT, "a chain diverges when nβ·(L_B − L_n(w*)) exceeds this (default "
          "10·d + 100 + 20·nβ·std(L_B(w*)))", ALL, metavar="X"),

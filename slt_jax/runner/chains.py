@@ -137,20 +137,26 @@ def _advance(config, inputs, num_steps, key, chain_index, state, start, num_burn
         record
 
 
+DEFAULT_CHUNK_SIZE = 512
+"""Sampler steps per compiled chunk unless told otherwise (:func:`plan_chunks`)."""
+
+
 def plan_chunks(total: int, chunk_size: int | None = None):
     """``(count, size)``: ``total`` steps in chunks of ``size`` steps, the last one padded.
 
     Each chunk size is one compiled program, so the size does not follow the run's length: a
-    given ``chunk_size`` is used as it is, for runs of any length, and the default — about a
-    twentieth of the run, at least 128 steps — is rounded up to a power of two, so runs within
-    a factor of two of each other (a calibration sweep and the estimate it schedules) share
-    one. Padded steps skip the sampler step.
+    given ``chunk_size`` is used as it is, for runs of any length, and the default is
+    :data:`DEFAULT_CHUNK_SIZE` — or the run's own power of two where that is smaller — so every
+    run of 512 steps or more with the same chains shares one program: a calibration sweep's
+    extension, the estimate it schedules, the next checkpoint's estimate at another length
+    (a length-dependent size recompiled there: ``step_size="auto"`` on
+    ``benchmarks/samplers.py`` paid 0.8 s of a 2.3 s run for it). Padded steps skip the sampler
+    step; on a small DLN 256- to 2048-step chunks ran equally fast.
     """
     if total == 0:
         return 0, 0
-    power = lambda x: 2 ** math.ceil(math.log2(max(1.0, x)))
-    size = chunk_size or min(max(128, power(total / 20)), power(total))
-    return math.ceil(total / size), size
+    power = 2 ** math.ceil(math.log2(max(1.0, total)))
+    return math.ceil(total / (size := chunk_size or min(DEFAULT_CHUNK_SIZE, power))), size
 
 
 def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_burnin, num_draws, chunk_size=None,
@@ -163,9 +169,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
       inputs: the traced step size, posterior, divergence rule and data; scalars are
         broadcast to one value per chain.
       num_chains, num_burnin, num_draws: chain count, burn-in steps, recorded draws.
-      chunk_size: sampler steps per compiled chunk (progress granularity); default about a
-        twentieth of the run, at least 128 steps, rounded up to a power of two
-        (:func:`plan_chunks`).
+      chunk_size: sampler steps per compiled chunk (progress granularity); default 512, or the
+        run's own power of two where that is smaller (:func:`plan_chunks`).
       progress: show a progress bar (tqdm; hidden when output is not a terminal).
       state, start: continue chains from ``state`` (the first value this function returned)
         at global step ``start`` — the steps it has run — instead of starting them at w*.
