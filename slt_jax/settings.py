@@ -134,7 +134,9 @@ class SweepSettings:
       mala: run the Metropolis acceptance check (plain SGLD); ``None`` for when
         ``n·d ≤ mala_budget`` and the data are not split over devices.
       mala_budget: ``n·d`` up to which the Metropolis check runs by default.
-      grid_points: step sizes in the default grid.
+      grid_points: step sizes in the default grid; ``None`` for the kernel's own
+        (:attr:`~slt_jax.samplers.KernelFactory.sweep_grid_points`: 4, SGNHT 3, whose grid starts a
+        factor below the stability rule).
       grid_factor: ratio between neighbouring step sizes of the grid (> 1).
       min_window_draws: draws the largest step size gets in its window, at least.
       window_draws: draws the largest step size's window records where its steps allow (at least
@@ -161,7 +163,7 @@ class SweepSettings:
     z: float = 1.0
     mala: bool | None = None
     mala_budget: float = 5e7
-    grid_points: int = 4
+    grid_points: int | None = None
     grid_factor: float = 2.0
     min_window_draws: int = 20
     window_draws: int = 100
@@ -173,8 +175,10 @@ class SweepSettings:
     def __post_init__(self):
         if self.num_chains is not None:
             _positive_int("num_chains", self.num_chains)
-        for name in ("num_steps", "grid_points", "min_window_draws", "window_draws"):
+        for name in ("num_steps", "min_window_draws", "window_draws"):
             _positive_int(name, getattr(self, name))
+        if self.grid_points is not None:
+            _positive_int("grid_points", self.grid_points)
         _positive_int("max_grid_extensions", self.max_grid_extensions, allow_zero=True)
         if self.on_unverified not in ("raise", "warn"):
             raise ValueError(f"on_unverified={self.on_unverified!r} must be 'raise' or 'warn'")

@@ -234,7 +234,7 @@ FLAGS: tuple[Flag, ...] = (
     _sweep("mala", _tristate, "the Metropolis acceptance check of the sweep: auto (small models), on or off",
            metavar="auto|on|off"),
     _sweep("mala_budget", FLOAT, "n·d up to which the Metropolis check runs under auto", metavar="X"),
-    _sweep("grid_points", INT, "step sizes in the default grid", metavar="N"),
+    _sweep("grid_points", INT, "step sizes in the default grid (default the sampler's: 4, sgnht 3)", metavar="N"),
     _sweep("grid_factor", FLOAT, "ratio between neighbouring step sizes of the grid", metavar="X"),
     _sweep("min_window_draws", INT, "draws the largest step size gets in its window, at least", metavar="N"),
     _sweep("window_draws", INT, "draws the largest step size's window records where its steps allow", metavar="N"),

@@ -84,9 +84,15 @@ class KernelFactory(NamedTuple):
     ``sweep_chains`` is how many chains a calibration sweep runs per step size unless told
     otherwise (:class:`~slt_jax.settings.SweepSettings`): enough that two neighbouring steps'
     group means come out in the order of their bias (docs/calibration.md §10).
+    ``sweep_grid_points`` and ``sweep_grid_skip`` shape its default grid: that many step sizes a
+    grid factor apart, the largest ``grid_factor**sweep_grid_skip`` below the stability rule
+    (:func:`slt_jax.tuning.grid.default_step_sizes`) — SGNHT's runs 3 from one factor below, as
+    its 8 chains per step make each grid point twice as dear.
     """
 
     name: str
     build: Callable[..., SamplingAlgorithm]
     stability: Stability = SGLD_STABILITY
     sweep_chains: int = 4
+    sweep_grid_points: int = 4
+    sweep_grid_skip: int = 0

@@ -52,7 +52,8 @@ def stable_step(step_size: float, stiffness: float, *, nbeta, localization, fact
 
 
 def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param_mask=None,
-                       num_points: int = 4, factor: float = 2.0, stability: Stability = SGLD_STABILITY) -> np.ndarray:
+                       num_points: int = 4, factor: float = 2.0, skip: int = 0,
+                       stability: Stability = SGLD_STABILITY) -> np.ndarray:
     """A geometric grid of step sizes below the posterior's stiffness scale.
 
     For the localized posterior the SGLD step is linearly stable for ε < 4/(nβ·h + γ), h the
@@ -60,7 +61,7 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
     loss stiff). h is taken as the larger of its value at w* and at a typical posterior
     point — w* plus a random direction scaled until ``nβ·(L − L(w*)) = d/2``, the most a
     posterior draw carries on average (λ ≤ d/2) — because at singular points the Hessian at
-    w* can vanish. The grid is ``ε_top · factor^(−k)``, k = 0 … num_points−1, with
+    w* can vanish. The grid is ``ε_top · factor^(−k)``, k = skip … skip + num_points − 1, with
     ``ε_top = 1/(nβ·h + γ)``; both are estimated on a probe batch of up to 4096 rows.
 
     Args:
@@ -71,12 +72,14 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
       param_mask: as in :func:`slt_jax.estimate_llc`.
       num_points: grid size.
       factor: ratio between neighbouring step sizes (> 1).
+      skip: grid factors between the stability rule and the largest step size (≥ 0).
       stability: the kernel's :class:`~slt_jax.samplers.base.Stability` (default SGLD's).
 
     Returns:
       Step sizes, increasing, shape ``(num_points,)``.
     """
     validation.check_positive("num_points", num_points, integer=True)
+    validation.check_positive("skip", skip, integer=True, allow_zero=True)
     if not factor > 1:
         raise ValueError(f"factor must be > 1, got {factor!r}")
     key_batch, key_dir, key_power = jax.random.split(key, 3)
@@ -99,4 +102,4 @@ def default_step_sizes(loss_fn, params, data, key, *, nbeta, localization, param
                          "pass step_sizes explicitly")
     g = stability.start_preconditioner
     top_step = stability.stable_step(g * h, nbeta=nbeta, localization=localization)
-    return top_step * factor ** -np.arange(num_points)[::-1].astype(float)
+    return top_step * factor ** -np.arange(skip, skip + num_points)[::-1].astype(float)

@@ -17,10 +17,11 @@ from slt_jax.errors import CalibrationError
 from slt_jax.tuning.sweep import calibrate
 from slt_jax.tuning.choice import choose_step_size
 from slt_jax.curvature import chain_stiffness
+from slt_jax.samplers import get_kernel
 from slt_jax.settings import SweepSettings
 from slt_jax.tuning.grid import default_step_sizes, stable_step
 
-GRID_FACTOR, GRID_POINTS = SweepSettings().grid_factor, SweepSettings().grid_points
+GRID_FACTOR, GRID_POINTS = SweepSettings().grid_factor, get_kernel("sgld").sweep_grid_points
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
@@ -254,6 +255,10 @@ def test_default_grid_sits_below_the_stiffness_scale(seed):
     h = np.linalg.norm(z * H**30, axis=1) / np.linalg.norm(z * H**29, axis=1)
     np.testing.assert_allclose(grid / grid[-1], GRID_FACTOR ** np.arange(1.0 - GRID_POINTS, 1.0), rtol=1e-6)
     assert 1.0 / PRECISION.max() <= grid[-1] <= 1.0 / (NBETA * np.quantile(h, 0.001) + GAMMA), grid[-1]
+    # A kernel's grid may start grid factors below the rule (SGNHT: 3 points from one below).
+    lower = default_step_sizes(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(seed),
+                               nbeta=NBETA, localization=GAMMA, num_points=3, skip=1)
+    np.testing.assert_allclose(lower, grid[:3], rtol=1e-6)
 
 
 def test_default_grid_finds_the_scale_where_the_hessian_at_w_star_vanishes():
@@ -360,6 +365,7 @@ def test_sweep_chains_are_the_kernels_unless_given(sampler, chains):
               max_grid_extensions=0, sampler=sampler, progress=False)
     cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), **kw)
     assert cal.settings["num_chains"] == chains and cal.llc_per_chain.shape == (2, chains)
+    assert cal.settings["grid_points"] == get_kernel(sampler).sweep_grid_points
     cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), num_chains=2, **kw)
     assert cal.settings["num_chains"] == 2 and cal.llc_per_chain.shape == (2, 2)
 
