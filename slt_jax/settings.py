@@ -124,8 +124,10 @@ class SweepSettings:
     """The step-size sweep of :func:`slt_jax.calibrate` (docs/mathematics.md §3).
 
     Attributes:
-      num_chains: chains per step size (more sharpen the agreement test); ``None`` for the
-        kernel's own (:attr:`~slt_jax.samplers.KernelFactory.sweep_chains`: 4, SGNHT 8).
+      num_chains: chains per step size (more sharpen the agreement test); ``None`` — here and
+        for ``grid_points``, ``grid_skip`` and ``window_draws`` — for the kernel's own
+        (:attr:`~slt_jax.samplers.KernelFactory.sweep`), else :data:`SWEEP_DEFAULTS` (SGLD's:
+        4 chains; SGNHT's 8, as its 4-chain group means came out of order).
       num_steps: steps of the program, i.e. of the smallest step size; ``T = num_steps·ε_min``
         is every group's simulated time.
       burnin_fraction: the part of T before the comparison window, in (0, 1).
@@ -134,12 +136,13 @@ class SweepSettings:
       mala: run the Metropolis acceptance check (plain SGLD); ``None`` for when
         ``n·d ≤ mala_budget`` and the data are not split over devices.
       mala_budget: ``n·d`` up to which the Metropolis check runs by default.
-      grid_points: step sizes in the default grid; ``None`` for the kernel's own
-        (:attr:`~slt_jax.samplers.KernelFactory.sweep_grid_points`: 4, SGNHT 3, whose grid starts a
-        factor below the stability rule).
+      grid_points: step sizes in the default grid (4; SGNHT 3).
+      grid_skip: grid factors between the stability rule and the default grid's largest step
+        (0; SGNHT 1: with twice the chains per step it runs three steps from ε_top/f down).
       grid_factor: ratio between neighbouring step sizes of the grid (> 1).
       min_window_draws: draws the largest step size gets in its window, at least.
-      window_draws: draws the largest step size's window records where its steps allow (at least
+      window_draws: draws the largest step size's window records where its steps allow (100;
+        SGNHT 200, the thinning of a four-step grid on its three-step one; at least
         ``min_window_draws``; every step where they do not); the smaller steps' windows hold
         proportionally more. The draws are a by-product of the gradients, so recording them
         costs only memory, and with few of them a group's λ̂ is noisier than its chains
@@ -164,21 +167,21 @@ class SweepSettings:
     mala: bool | None = None
     mala_budget: float = 5e7
     grid_points: int | None = None
+    grid_skip: int | None = None
     grid_factor: float = 2.0
     min_window_draws: int = 20
-    window_draws: int = 100
+    window_draws: int | None = None
     check_z: float = 3.0
     min_mala_acceptance: float = 0.7
     max_grid_extensions: int = 4
     on_unverified: str = "raise"
 
     def __post_init__(self):
-        if self.num_chains is not None:
-            _positive_int("num_chains", self.num_chains)
-        for name in ("num_steps", "min_window_draws", "window_draws"):
+        for name in ("num_steps", "min_window_draws"):
             _positive_int(name, getattr(self, name))
-        if self.grid_points is not None:
-            _positive_int("grid_points", self.grid_points)
+        for name in ("num_chains", "grid_points", "window_draws", "grid_skip"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name), allow_zero=name == "grid_skip")
         _positive_int("max_grid_extensions", self.max_grid_extensions, allow_zero=True)
         if self.on_unverified not in ("raise", "warn"):
             raise ValueError(f"on_unverified={self.on_unverified!r} must be 'raise' or 'warn'")
@@ -192,6 +195,21 @@ class SweepSettings:
             raise ValueError(f"grid_factor must be > 1, got {self.grid_factor!r}")
         if not 0 <= self.min_mala_acceptance <= 1:
             raise ValueError(f"min_mala_acceptance must lie in [0, 1], got {self.min_mala_acceptance!r}")
+
+    def for_kernel(self, defaults=()) -> "SweepSettings":
+        """These settings with every field left ``None`` among :data:`SWEEP_DEFAULTS`' filled in
+        from ``defaults`` (a kernel's ``(name, value)`` pairs), else from :data:`SWEEP_DEFAULTS`."""
+        own = dict(defaults)
+        unknown = set(own) - set(SWEEP_DEFAULTS)
+        if unknown:
+            raise ValueError(f"kernel sweep defaults name unknown fields {sorted(unknown)} (known: "
+                             f"{sorted(SWEEP_DEFAULTS)})")
+        return dataclasses.replace(self, **{name: own.get(name, value) for name, value in SWEEP_DEFAULTS.items()
+                                            if getattr(self, name) is None})
+
+
+SWEEP_DEFAULTS = {"num_chains": 4, "grid_points": 4, "grid_skip": 0, "window_draws": 100}
+"""The :class:`SweepSettings` fields a kernel may set for itself, and their values where it does not."""
 
 
 @dataclasses.dataclass(frozen=True)

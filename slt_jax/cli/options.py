@@ -235,9 +235,12 @@ FLAGS: tuple[Flag, ...] = (
            metavar="auto|on|off"),
     _sweep("mala_budget", FLOAT, "n·d up to which the Metropolis check runs under auto", metavar="X"),
     _sweep("grid_points", INT, "step sizes in the default grid (default the sampler's: 4, sgnht 3)", metavar="N"),
+    _sweep("grid_skip", INT, "grid factors between the stability rule and the grid's largest step (default the "
+           "sampler's: 0, sgnht 1)", metavar="N"),
     _sweep("grid_factor", FLOAT, "ratio between neighbouring step sizes of the grid", metavar="X"),
     _sweep("min_window_draws", INT, "draws the largest step size gets in its window, at least", metavar="N"),
-    _sweep("window_draws", INT, "draws the largest step size's window records where its steps allow", metavar="N"),
+    _sweep("window_draws", INT, "draws the largest step size's window records where its steps allow (default the "
+           "sampler's: 100, sgnht 200)", metavar="N"),
     _sweep("check_z", FLOAT, "standard errors by which a trend or a negative λ̂ must be significant",
            metavar="X"),
     _sweep("min_mala_acceptance", FLOAT, "acceptance below which a step size counts as unstable", metavar="X"),

@@ -81,18 +81,15 @@ class KernelFactory(NamedTuple):
     fields are traced arrays, so one compiled program serves every checkpoint, step size and
     temperature. ``stability`` says how the step size meets the potential's curvature
     (:class:`Stability`): what calibration places its grid and checks its chains with.
-    ``sweep_chains`` is how many chains a calibration sweep runs per step size unless told
-    otherwise (:class:`~slt_jax.settings.SweepSettings`): enough that two neighbouring steps'
-    group means come out in the order of their bias (docs/calibration.md §10).
-    ``sweep_grid_points`` and ``sweep_grid_skip`` shape its default grid: that many step sizes a
-    grid factor apart, the largest ``grid_factor**sweep_grid_skip`` below the stability rule
-    (:func:`slt_jax.tuning.grid.default_step_sizes`) — SGNHT's runs 3 from one factor below, as
-    its 8 chains per step make each grid point twice as dear.
+    ``sweep`` holds the kernel's own defaults for a calibration sweep, as ``(field, value)``
+    pairs of :class:`~slt_jax.settings.SweepSettings` fields in
+    :data:`~slt_jax.settings.SWEEP_DEFAULTS` (``num_chains``, ``grid_points``, ``grid_skip``,
+    ``window_draws``), used where the user leaves the field ``None``: enough chains that two
+    neighbouring steps' group means come out in the order of their bias (docs/calibration.md §10),
+    and a grid and thinning to suit.
     """
 
     name: str
     build: Callable[..., SamplingAlgorithm]
     stability: Stability = SGLD_STABILITY
-    sweep_chains: int = 4
-    sweep_grid_points: int = 4
-    sweep_grid_skip: int = 0
+    sweep: tuple = ()

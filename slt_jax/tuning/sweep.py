@@ -51,7 +51,6 @@ step and their run doubles while λ̂ trends (:mod:`slt_jax.tuning.equilibration
 highly singular points λ̂ can sit on a plateau for a while and then climb.
 """
 
-import dataclasses
 import itertools
 import math
 import time
@@ -143,10 +142,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
     every setting whose pick is not verified by two consecutive agreeing step sizes, one more
     step size below its smallest per round (equal simulated time: twice the steps at half the
     step), up to ``sweep.max_grid_extensions`` rounds."""
-    if sweep.num_chains is None:
-        sweep = dataclasses.replace(sweep, num_chains=kernel.sweep_chains)
-    if sweep.grid_points is None:
-        sweep = dataclasses.replace(sweep, grid_points=kernel.sweep_grid_points)
+    sweep = sweep.for_kernel(kernel.sweep)
     n, num_chains, num_steps = problem.n, sweep.num_chains, sweep.num_steps
     key_grid, key_chains, key_mala = jax.random.split(key, 3)
     started = time.perf_counter()
@@ -158,7 +154,7 @@ def run_sweep(problem, kernel, run: RunSettings, sweep: SweepSettings, key, *, n
         grid = step_sizes if step_sizes is not None else default_step_sizes(
             problem.user_loss_fn, problem.params, problem.resident_data, key_grid, nbeta=nb, localization=gamma,
             param_mask=problem.mask, num_points=sweep.grid_points, factor=sweep.grid_factor,
-            skip=kernel.sweep_grid_skip, stability=kernel.stability)
+            skip=sweep.grid_skip, stability=kernel.stability)
         groups += [(s, float(eps), nb, gamma) for eps in grid]
     grid_seconds = time.perf_counter() - started
     total_time = [num_steps * min(g[1] for g in groups if g[0] == s) for s in range(len(setting_pairs))]

@@ -17,11 +17,10 @@ from slt_jax.errors import CalibrationError
 from slt_jax.tuning.sweep import calibrate
 from slt_jax.tuning.choice import choose_step_size
 from slt_jax.curvature import chain_stiffness
-from slt_jax.samplers import get_kernel
-from slt_jax.settings import SweepSettings
+from slt_jax.settings import SWEEP_DEFAULTS, SweepSettings
 from slt_jax.tuning.grid import default_step_sizes, stable_step
 
-GRID_FACTOR, GRID_POINTS = SweepSettings().grid_factor, get_kernel("sgld").sweep_grid_points
+GRID_FACTOR, GRID_POINTS = SweepSettings().grid_factor, SWEEP_DEFAULTS["grid_points"]
 from slt_jax.groundtruth import dln_learning_coefficient
 from slt_jax.models.dln import dln_data, dln_loss, dln_teacher
 
@@ -359,15 +358,18 @@ def test_schedule_plot_and_json(tmp_path):
     assert "| step size |" in str(cal)
 
 
-@pytest.mark.parametrize("sampler, chains", [("sgld", 4), ("rmsprop_sgld", 4), ("sgnht", 8)])
-def test_sweep_chains_are_the_kernels_unless_given(sampler, chains):
+@pytest.mark.parametrize("sampler, chains, points", [("sgld", 4, 4), ("rmsprop_sgld", 4, 4), ("sgnht", 8, 3)])
+def test_sweep_defaults_are_the_kernels_unless_given(sampler, chains, points):
     kw = dict(localization=GAMMA, nbeta=NBETA, step_sizes=GRID[:2], batch_size=1, num_steps=200,
               max_grid_extensions=0, sampler=sampler, progress=False)
     cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), **kw)
     assert cal.settings["num_chains"] == chains and cal.llc_per_chain.shape == (2, chains)
-    assert cal.settings["grid_points"] == get_kernel(sampler).sweep_grid_points
-    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), num_chains=2, **kw)
-    assert cal.settings["num_chains"] == 2 and cal.llc_per_chain.shape == (2, 2)
+    assert cal.settings["grid_points"] == points and cal.settings["grid_skip"] == (points == 3)
+    cal = calibrate(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(0), num_chains=2,
+                    grid_points=5, **kw)
+    assert cal.settings["num_chains"] == 2 and cal.llc_per_chain.shape == (2, 2) and cal.settings["grid_points"] == 5
+    with pytest.raises(ValueError, match="unknown fields"):
+        SweepSettings().for_kernel((("num_step", 10),))
 
 
 def test_nothing_passing_raises_calibration_error():
