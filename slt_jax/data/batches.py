@@ -10,6 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from slt_jax import keys
+
 
 def num_samples(data) -> int:
     """The common leading-axis length n of a data pytree."""
@@ -32,7 +34,7 @@ def row_indices(key, batch_size: int, n: int) -> jax.Array:
     """
     if n > ONE_WORD_ROWS:
         return jax.random.randint(key, (batch_size,), 0, n)
-    return _multiply_high(jax.random.bits(key, (batch_size,), jnp.uint32), n)
+    return _multiply_high(keys.random_bits(key, batch_size), n)
 
 
 def _multiply_high(u, n: int):

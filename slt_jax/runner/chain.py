@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slt_jax import keys
 from slt_jax.data.batches import full_batch_loss
 from slt_jax.posterior import LocalPosterior
 from slt_jax.runner import sharding
@@ -93,7 +94,7 @@ class Fed(NamedTuple):
 
 def step_keys(chain_key, t):
     """``(key_batch, key_step)`` of step ``t``: the minibatch's rows and the kernel's noise."""
-    return jax.random.split(jax.random.fold_in(chain_key, t))
+    return keys.split(keys.fold_in(chain_key, t))
 
 
 def _step(config, kernel, posterior, divergence, data, chain_key, state, t, fed=None):
@@ -203,7 +204,7 @@ class Chain(NamedTuple):
                 state, (loss, batch, rows, info) = step(state, t, fed_t)
 
                 def measure(moments):
-                    key = jax.random.fold_in(jax.random.fold_in(chain_key, t), 1)
+                    key = keys.fold_in(keys.fold_in(chain_key, t), 1)
                     batch_loss, center_loss = _measure(config, posterior, key, position, batch, rows, loss,
                                                        self.inputs.eval_data, self.inputs.center_losses)
                     observed = None

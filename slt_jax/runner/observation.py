@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slt_jax import keys
+
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
@@ -109,7 +111,7 @@ def values_at(observation: Observation, position, observed: Observed, key=None, 
     ``draw_loss`` the draw's loss record relative to w* (kept when the observation asks for it).
     """
     if observation.keyed:
-        key = jax.random.fold_in(key, OBSERVATION_STREAM)
+        key = keys.fold_in(key, OBSERVATION_STREAM)
     values = observation(position, observed.inputs, key)
     out = {name: jnp.ravel(values[name]) - observed.center[name] for name in values}
     if observation.draw_loss:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from slt_jax import keys
 from slt_jax.data import batches
 
 CHAINS = "chains"
@@ -359,7 +360,7 @@ def minibatch(key, data, batch_size: int, mesh: Mesh):
 
 def shard_key(key, shard, mesh: Mesh):
     """The key data shard ``shard`` draws its rows with (``key`` itself without a data axis)."""
-    return key if axis_size(mesh, DATA) == 1 else jax.random.fold_in(key, shard)
+    return key if axis_size(mesh, DATA) == 1 else keys.fold_in(key, shard)
 
 
 def batch_rows(key, n: int, batch_size: int, mesh: Mesh):

@@ -13,7 +13,8 @@ discretisation error, and far closer to Gaussian than the ±1 of :func:`tree_rad
 weak-order theory already allows. Measured on 2 CPU cores, 4 chains × 10⁶ draws: 0.7–1.0 ms
 per chain against 1.9–3.0 ms at 32 bits and ``erf⁻¹`` per draw. Each chain's noise is drawn
 whole on its own device, so Threefry's partitionable layout (for arrays XLA shards itself) is
-not needed; no global flag is touched. Other dtypes and key implementations use
+not needed; no global flag is touched. The hashes are :mod:`slt_jax.keys`'s Threefry-2x32,
+written out so that XLA fuses them (the same bits as JAX's). Other dtypes and key implementations use
 ``jax.random.normal`` (``rbg`` and ``unsafe_rbg`` were measured too: slower than Threefry on CPU).
 
 :func:`tree_rademacher` draws ±1 signs for the simplified weak Euler scheme (Kloeden & Platen,
@@ -27,9 +28,10 @@ import math
 from statistics import NormalDist
 
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
+
+from slt_jax import keys
 
 _LEVELS = 1 << 16  # a normal per 16 random bits
 
@@ -46,24 +48,17 @@ def _levels() -> np.ndarray:
 _TABLE = _levels()
 
 
-def _is_threefry(key) -> bool:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_impl(key) == "threefry2x32"
-    return key.dtype == jnp.uint32 and key.shape == (2,)
-
-
 def _normal_float32(key, shape):
     """float32 unit-variance normals, 16 Threefry-2x32 bits each (see the module docstring)."""
     size = math.prod(shape)
-    words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    bits = jax.extend.random.threefry_2x32((words[0], words[1]), jax.lax.iota(jnp.uint32, -(-size // 2)))
+    bits = keys.hash_counts(key, -(-size // 2))
     table = jnp.asarray(_TABLE)
     return jnp.concatenate([table[bits >> np.uint32(16)], table[bits & np.uint32(0xFFFF)]])[:size].reshape(shape)
 
 
 def normal(key, shape, dtype):
     """Standard normal draws of ``shape`` and ``dtype`` (the faster path where it applies)."""
-    if jnp.dtype(dtype) == jnp.float32 and _is_threefry(key) and 0 < math.prod(shape) < 2**32:
+    if jnp.dtype(dtype) == jnp.float32 and keys.is_threefry(key) and 0 < math.prod(shape) < 2**32:
         return _normal_float32(key, tuple(shape))
     return jax.random.normal(key, shape, dtype)
 
@@ -71,7 +66,7 @@ def normal(key, shape, dtype):
 def rademacher(key, shape, dtype):
     """Independent ±1 of ``shape`` and ``dtype``, each from one bit of ``jax.random.bits``."""
     size = math.prod(shape)
-    words = jax.random.bits(key, (max(1, -(-size // 32)),), jnp.uint32)
+    words = keys.random_bits(key, max(1, -(-size // 32)))
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & np.uint32(1)
     signs = 1 - 2 * bits.reshape(-1)[:size].astype(jnp.int32)
     return signs.astype(dtype).reshape(shape)
@@ -80,8 +75,8 @@ def rademacher(key, shape, dtype):
 def _tree_draws(draw, key, tree):
     """``draw(key, shape, dtype)`` for every leaf of ``tree``, one key per leaf."""
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    leaf_keys = keys.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(leaf_keys, leaves)])
 
 
 def tree_rademacher(key, tree):
