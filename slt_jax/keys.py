@@ -16,8 +16,8 @@ out as plain integer array operations. On CPU, JAX lowers each of its hashes to 
 iterations, which XLA neither fuses nor compiles quickly: a sampler step holds seven hashes
 (the step's key, its split, the minibatch rows, the noise per leaf). Written out, they cut the
 XLA compile of the devinterp comparison's chain program (64 chains of a DLN, 2 CPU cores) from
-1.07–1.14 s to 0.65–0.78 s. The values do not depend on the ``jax_threefry_partitionable`` flag. Keys of other implementations go to
-``jax.random``.
+1.07–1.14 s to 0.65–0.78 s. The values do not depend on the ``jax_threefry_partitionable``
+flag. Keys of other implementations go to ``jax.random``.
 """
 
 import functools
@@ -54,12 +54,14 @@ def threefry2x32(k1, k2, x1, x2):
     array code that XLA fuses (use inside ``jit``: eagerly each operation dispatches alone).
     """
     const = lambda v: jax.lax.full_like(x1, v)
+    rotate_left = lambda x, r: jax.lax.bitwise_or(jax.lax.shift_left(x, const(r)),
+                                                  jax.lax.shift_right_logical(x, const(32 - r)))
     ks = (k1, k2, k1 ^ k2 ^ _PARITY)
     x1, x2 = x1 + ks[0], x2 + ks[1]
     for block in range(5):
         for r in _ROTATIONS[block % 2]:
             x1 = x1 + x2
-            x2 = jax.lax.bitwise_or(jax.lax.shift_left(x2, const(r)), jax.lax.shift_right_logical(x2, const(32 - r))) ^ x1
+            x2 = rotate_left(x2, r) ^ x1
         x1 = x1 + ks[(block + 1) % 3]
         x2 = x2 + (ks[(block + 2) % 3] + np.uint32(block + 1))
     return x1, x2
