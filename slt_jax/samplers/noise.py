@@ -49,11 +49,23 @@ _TABLE = _levels()
 
 
 def _normal_float32(key, shape):
-    """float32 unit-variance normals, 16 Threefry-2x32 bits each (see the module docstring)."""
+    """float32 unit-variance normals, 16 Threefry-2x32 bits each (see the module docstring).
+
+    The high halves of the words fill the first half of the flattened draws, the low halves the
+    rest. With an even leading axis that is its first and second half, built in the leaf's own
+    shape: XLA then fuses the lookup into the update that consumes it, where the flat version's
+    reshape made it write the draws out first (1M normals per chain on 2 CPU cores: 0.61–0.68 ms
+    against 0.78–0.85 ms, the update included). The values are the same either way.
+    """
     size = math.prod(shape)
-    bits = keys.hash_counts(key, -(-size // 2))
     table = jnp.asarray(_TABLE)
-    return jnp.concatenate([table[bits >> np.uint32(16)], table[bits & np.uint32(0xFFFF)]])[:size].reshape(shape)
+    high = lambda bits: table[bits >> np.uint32(16)]
+    low = lambda bits: table[bits & np.uint32(0xFFFF)]
+    if shape and shape[0] % 2 == 0:
+        bits = keys.hash_counts(key, size // 2).reshape(shape[0] // 2, *shape[1:])
+        return jnp.concatenate([high(bits), low(bits)], axis=0)
+    bits = keys.hash_counts(key, -(-size // 2))
+    return jnp.concatenate([high(bits), low(bits)])[:size].reshape(shape)
 
 
 def normal(key, shape, dtype):
