@@ -14,8 +14,9 @@ weak-order theory already allows. Measured on 2 CPU cores, 4 chains × 10⁶ dra
 per chain against 1.9–3.0 ms at 32 bits and ``erf⁻¹`` per draw. Each chain's noise is drawn
 whole on its own device, so Threefry's partitionable layout (for arrays XLA shards itself) is
 not needed; no global flag is touched. The hashes are :mod:`slt_jax.keys`'s Threefry-2x32,
-written out so that XLA fuses them (the same bits as JAX's). Other dtypes and key implementations use
-``jax.random.normal`` (``rbg`` and ``unsafe_rbg`` were measured too: slower than Threefry on CPU).
+written out so that XLA fuses them (the same bits as JAX's). Other dtypes and key
+implementations use ``jax.random.normal`` (``rbg`` and ``unsafe_rbg`` were measured too: slower
+than Threefry on CPU).
 
 :func:`tree_rademacher` draws ±1 signs for the simplified weak Euler scheme (Kloeden & Platen,
 *Numerical Solution of Stochastic Differential Equations*, 1992, §14.1): one random *bit* per
@@ -58,13 +59,13 @@ def _normal_float32(key, shape):
     against 0.78–0.85 ms, the update included). The values are the same either way.
     """
     size = math.prod(shape)
+    bits = keys.hash_counts(key, -(-size // 2))
     table = jnp.asarray(_TABLE)
     high = lambda bits: table[bits >> np.uint32(16)]
     low = lambda bits: table[bits & np.uint32(0xFFFF)]
     if shape and shape[0] % 2 == 0:
-        bits = keys.hash_counts(key, size // 2).reshape(shape[0] // 2, *shape[1:])
+        bits = bits.reshape(shape[0] // 2, *shape[1:])
         return jnp.concatenate([high(bits), low(bits)], axis=0)
-    bits = keys.hash_counts(key, -(-size // 2))
     return jnp.concatenate([high(bits), low(bits)])[:size].reshape(shape)
 
 

@@ -276,6 +276,16 @@ def test_fast_noise_is_standard_normal_and_per_key():
     assert not np.allclose(batched[3], batched[4])
 
 
+def test_fast_noise_depends_on_the_size_not_the_shape():
+    # An even leading axis builds the draws in the leaf's shape, an odd one flat: the same values.
+    key = jax.random.key(7)
+    flat = np.asarray(normal(key, (60,), jnp.float32))
+    for shape in [(4, 15), (3, 20), (6, 2, 5), (5, 3, 4)]:
+        np.testing.assert_array_equal(np.asarray(normal(key, shape, jnp.float32)).ravel(), flat)
+    odd = np.asarray(normal(key, (3, 5), jnp.float32)).ravel()  # an odd size: the flat path throughout
+    np.testing.assert_array_equal(odd, np.asarray(normal(key, (15,), jnp.float32)))
+
+
 def test_noise_falls_back_for_other_dtypes_and_impls():
     tree = {"a": jnp.zeros(4, jnp.bfloat16), "b": jnp.zeros((2, 2))}
     draws = tree_normal(jax.random.key(0), tree)
