@@ -41,11 +41,13 @@ def test_a_safe_fixed_step_passes_the_check_quietly(dln, seed):
     assert check["chains_measured"] == 4
 
 
-@pytest.mark.parametrize("sampler, step_size", [("sgld", 1e-2), ("sgld_rademacher", 1e-2), ("sgnht", 1e-2),
+@pytest.mark.parametrize("sampler, step_size", [("sgld", 1e-2), ("sgld_rademacher", 1e-2), ("sgnht", 7e-3),
                                                 ("rmsprop_sgld", 1.5e-3)])
 def test_a_step_above_the_kernels_stable_step_warns_and_names_a_smaller_one(dln, sampler, step_size):
-    # ε·(nβh + γ) ≈ 2 for SGLD and SGNHT: twice the rule, half the linear limit (stable, biased).
-    # RMSProp-SGLD multiplies its step by G ≤ 1/eps = 10: 1.5e-3 is about 3× its rule.
+    # ε·(nβh + γ) ≈ 2 for SGLD: twice the rule, half the linear limit (stable, biased). SGNHT's
+    # thermostat diverges sooner: at 1e-2 it lost 2 of 48 chains (3 seeds × 16), at 7e-3 and 8e-3
+    # none of 96, where its check names 2.4e-3–4.0e-3. RMSProp-SGLD multiplies its step by
+    # G ≤ 1/eps = 10: 1.5e-3 is about 3× its rule.
     teacher, data = dln
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
