@@ -56,6 +56,17 @@ def _numpyro():
     return diagnostics
 
 
+def preload() -> None:
+    """Import ``numpyro.diagnostics`` now, if it is not yet.
+
+    The import takes ~0.35 s (numpyro and the scipy modules it pulls in; 2 CPU cores), once per
+    process. :func:`~slt_jax.runner.chains.run_chains` calls this right after dispatching its
+    first chunk, so the import runs while the device samples instead of after it, where the
+    ESS of the finished run would wait for it.
+    """
+    _numpyro()
+
+
 def effective_sample_size(trace: ArrayLike) -> float:
     """Total effective sample size of a ``(chains, draws)`` trace.
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from slt_jax import distributed, validation
 from slt_jax.data.streaming import is_streamed
+from slt_jax.estimators import diagnostics
 from slt_jax.keys import chain_key
 from slt_jax.results import Sampled
 from slt_jax.runner import feed, sharding
@@ -238,6 +239,8 @@ def run_chains(key, config: RunConfig, inputs: ChainInputs, *, num_chains, num_b
                         fed_next = feeder.start(start + (i + 1) * size, size)
                     state, record = _advance(config, inputs, size, key, chain_index, state, np.int32(start + i * size),
                                              np.int32(start + num_burnin), np.int32(start + total_steps), fed)
+                    if i == 0:  # while chunk 0 runs: the ESS after the run needs numpyro
+                        diagnostics.preload()
                 if pending is not None:
                     fetched = fetch(*pending)
                     records.append(fetched if sink is None else sink(fetched))
