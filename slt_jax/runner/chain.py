@@ -217,15 +217,19 @@ class Chain(NamedTuple):
                                    observed if observe is not None and observe.record else None)
                     return moments, record
 
+                # Jitted so that its shapes and its branch share one trace (jit's cache).
+                measure = jax.jit(measure)
+
                 def skip(moments):
-                    return moments, zeros_like_shapes(jax.eval_shape(measure, moments)[1])
+                    return moments, zeros_like_shapes(measure.eval_shape(moments)[1])
 
                 # Measured inside the step's branch: only the record leaves it, never the
                 # minibatch (a batch carried out of a cond costs ~1.5× at batch 2048 on CPU).
                 moments, record = jax.lax.cond(is_draw, measure, skip, state.moments)
                 return state._replace(moments=moments), record
 
-            record_shapes = jax.eval_shape(live, state)[1]
+            live = jax.jit(live)  # traced once for its shapes and its branch (jit's cache)
+            record_shapes = live.eval_shape(state)[1]
             # Both predicates depend on t alone, shared by every chain: under vmap they stay
             # real branches, so padded steps and non-draw steps cost nothing.
             return jax.lax.cond(t < total, live, lambda s: (s, zeros_like_shapes(record_shapes)), state)
