@@ -113,6 +113,42 @@ def test_import_loads_no_plotting_checkpointing_or_numpyro():
     assert out.stdout.strip() == "[]"
 
 
+def test_numpyro_is_imported_while_the_first_chunk_runs():
+    # run_chains computes no ESS itself: numpyro is there because it was preloaded behind chunk 0.
+    code = ("import sys, jax, jax.numpy as jnp, slt_jax; from slt_jax.runner import chains; "
+            "from slt_jax.problem import make_problem; from slt_jax.samplers import SGLD; "
+            "from slt_jax.settings import RunSettings; "
+            "run = RunSettings(num_chains=2, num_burnin=0, num_draws=4, batch_size=4); "
+            "p = make_problem(lambda w, b: jnp.mean((b['x'] * w) ** 2), jnp.ones(()), {'x': jnp.ones(8)}, localization=1.0, run=run); "
+            "config, inputs = chains.setup(p, SGLD, run, 1e-3); "
+            "chains.run_chains(jax.random.key(0), config, inputs, num_chains=2, num_burnin=0, num_draws=4, "
+            "progress=False); print('numpyro.diagnostics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"
+
+
+def test_the_chain_step_is_traced_once_per_program(monkeypatch):
+    # Its shapes (for the padding and non-draw branches) come from jit's cache, not a second trace.
+    from slt_jax.runner import chain
+
+    calls = {"step": 0, "measure": 0}
+    step, measure = chain._step, chain._measure
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(chain, "_step", counted("step", step))
+    monkeypatch.setattr(chain, "_measure", counted("measure", measure))
+    loss_fn, data, w_hat = regression(jax.random.key(7))
+    slt_jax.estimate_llc(lambda w, batch: loss_fn(w, batch), w_hat, data, jax.random.key(1), step_size=1e-4,
+                         localization=1.0, check_step=False, **SMALL)
+    assert calls == {"step": 1, "measure": 1}
+
+
 def test_old_import_paths_alias_the_new_modules_and_warn():
     with pytest.warns(DeprecationWarning, match="slt_jax.calibration moved to slt_jax.tuning.sweep"):
         from slt_jax.calibration import calibrate
