@@ -144,6 +144,7 @@ def test_the_chain_step_is_traced_once_per_program(monkeypatch):
     monkeypatch.setattr(chain, "_step", counted("step", step))
     monkeypatch.setattr(chain, "_measure", counted("measure", measure))
     loss_fn, data, w_hat = regression(jax.random.key(7))
+    # A loss function of its own: no trace of it can sit in jit's cache from another test.
     slt_jax.estimate_llc(lambda w, batch: loss_fn(w, batch), w_hat, data, jax.random.key(1), step_size=1e-4,
                          localization=1.0, check_step=False, **SMALL)
     assert calls == {"step": 1, "measure": 1}
