@@ -1,11 +1,12 @@
-"""Curvature of the loss: Hessian-vector products, power iteration and Lanczos, in one place.
+"""Curvature of the loss: Hessian-vector products and Lanczos, in one place.
 
 Every step-size rule in slt-jax rests on the Hessian of L: SGLD on the localized posterior is
 linearly stable for ε < 4/(nβ·h + γ), h its largest eigenvalue (docs/mathematics.md §3), and the
 Laplace value ½·Σ nβh_i/(nβh_i + γ) is a function of its whole spectrum (§5). This module holds
-the one HVP (forward-over-reverse), the one power iteration (the calibration grid at w*, the
-stiffness check at the chains' positions, the free-energy ladder's step rule) and the Lanczos
-recursion behind :func:`slt_jax.laplace_llc`'s stochastic quadrature.
+the one HVP (forward-over-reverse), the one estimate of the largest eigenvalue (Lanczos: the calibration
+grid at w*, the stiffness checks at the chains' positions, the free-energy ladder's step rule)
+and the reorthogonalised Lanczos recursion behind :func:`slt_jax.laplace_llc`'s stochastic
+quadrature.
 """
 
 import collections
@@ -21,9 +22,13 @@ from slt_jax import masks, validation
 from slt_jax.data.batches import full_batch_loss, minibatch
 from slt_jax.runner import sharding
 
-# Rows of the probe batch on which h is measured, and power iterations per estimate.
+# Rows of the probe batch on which h is measured.
 PROBE_ROWS = 4096
-POWER_ITERATIONS = 30
+# The Lanczos estimate of h stops once SETTLED_STEPS steps in a row each raised it by at most
+# LANCZOS_RTOL (relative; one calm step is not enough: on a small MLP a step that added 0.3 %
+# came 7.5 % below the converged value, before the estimate climbed again), and after at most
+# LANCZOS_STEPS Hessian-vector products, the 30 power iterations it replaced.
+LANCZOS_STEPS, LANCZOS_RTOL, SETTLED_STEPS = 30, 1e-3, 2
 # A Lanczos residual β ≤ BREAKDOWN_EPS·eps·‖Hess q‖ (the largest seen) is a breakdown: the
 # Krylov space is invariant to within what HVPs in that dtype resolve. A missed breakdown costs
 # nothing (the reorthogonalised residual starts a decoupled block, whose weight in the quadrature
@@ -40,26 +45,60 @@ def _tree_dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def top_eigenvalue(loss, position, probe, scale=None, num_iters: int = POWER_ITERATIONS):
+def top_eigenvalue(loss, position, probe, scale=None, max_steps: int = LANCZOS_STEPS,
+                   rtol: float = LANCZOS_RTOL):
     """|largest eigenvalue| of ``S·Hess loss(position)·S``, ``S = diag(scale)``.
 
     ``scale`` is a pytree like ``position``: a 0/1 mask (the Hessian on the sampled
     coordinates), a preconditioner's ``G^½`` times the mask (the curvature a kernel with a
     diagonal preconditioner G sees: RMSProp-SGLD's step is ε·G per coordinate, so its
     stability is that of ``G^½ ∇²U G^½``), or ``None`` for the plain Hessian.
-    Power iteration from ``probe``: ``‖SHS·u_k‖`` with ``u_k`` the normalised k-th iterate,
-    which approaches the largest |eigenvalue| from below (traced; use inside jit).
+
+    Lanczos from ``probe`` (the three-term recurrence, no reorthogonalisation: lost orthogonality
+    only repeats converged Ritz values, Paige 1980): the larger |extreme Ritz value| of the
+    tridiagonal matrix, which approaches the largest |eigenvalue| from below, monotonely in the
+    steps. It stops when a step raised it by at most ``rtol`` (relative), at a breakdown (the
+    Krylov space is invariant: the value is exact), or after ``max_steps`` Hessian-vector
+    products. For the same products it reads far closer than power iteration (Kuczyński &
+    Woźniakowski 1992): on the 1M-parameter MLP of ``benchmarks/step_cost.py`` (4096 rows) it
+    stopped within 0.2 % of 40 Lanczos steps, where 30 power iterations read 3 % below 100.
+    Traced; use inside jit (also under vmap: the loop then runs until every member stops).
     """
     scaled = (lambda u: u) if scale is None else (lambda u: jax.tree.map(jnp.multiply, u, scale))
     product = lambda u: scaled(hvp(loss, position, scaled(u)))
+    start = scaled(probe)
+    dtype = jax.tree.leaves(start)[0].dtype
+    tol = BREAKDOWN_EPS * float(jnp.finfo(dtype).eps)
+    norm0 = jnp.sqrt(_tree_dot(start, start))
+    q0 = jax.tree.map(lambda x: x / jnp.maximum(norm0, 1e-30), start)
+    zero = jnp.zeros((), dtype)
 
-    def body(u, _):
-        hu = product(u)
-        norm = jnp.sqrt(_tree_dot(hu, hu))
-        return jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30), hu), norm
+    def extreme(alphas, couplings):
+        # Unfilled entries are 0: the padded matrix is T_j ⊕ 0, whose extra zeros never raise |θ|.
+        t = jnp.diag(alphas) + jnp.diag(couplings[1:], 1) + jnp.diag(couplings[1:], -1)
+        theta = jnp.linalg.eigvalsh(t)
+        return jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[-1]))
 
-    _, norms = lax.scan(body, scaled(probe), None, length=num_iters)
-    return norms[-1]
+    def step(carry):
+        j, q, q_prev, beta_prev, scale_hq, alphas, couplings, estimate, calm, _ = carry
+        hq = product(q)
+        scale_hq = jnp.maximum(scale_hq, jnp.sqrt(_tree_dot(hq, hq)))
+        alpha = _tree_dot(q, hq)
+        alphas, couplings = alphas.at[j].set(alpha), couplings.at[j].set(beta_prev)
+        r = jax.tree.map(lambda h, a, b: h - alpha * a - beta_prev * b, hq, q, q_prev)
+        beta = jnp.sqrt(_tree_dot(r, r))
+        new = extreme(alphas, couplings)
+        alive = beta > tol * scale_hq  # else: breakdown, the estimate is exact (or NaN: stop)
+        calm = jnp.where((j > 0) & (new - estimate <= rtol * new), calm + 1, 0)
+        q_next = jax.tree.map(lambda x: jnp.where(alive, x / jnp.where(alive, beta, 1.0), 0.0), r)
+        return j + 1, q_next, q, beta, scale_hq, alphas, couplings, new, calm, ~alive | (calm >= SETTLED_STEPS)
+
+    def going(carry):
+        return (carry[0] < max_steps) & ~carry[-1]
+
+    init = (0, q0, jax.tree.map(jnp.zeros_like, q0), zero, zero, jnp.zeros((max_steps,), dtype),
+            jnp.zeros((max_steps,), dtype), zero, 0, False)
+    return lax.while_loop(going, step, init)[7]
 
 
 @partial(jax.jit, static_argnames=("loss_fn",))
@@ -79,7 +118,7 @@ def _full_batch_top(loss_fn, params, data, probe, mask, batch_size):
 
 def full_batch_top_eigenvalue(loss_fn, params, data, key, *, mask=None, batch_size: int) -> float:
     """|largest Hessian eigenvalue| of the exact ``L_n`` at ``params`` on the coordinates of
-    ``mask`` (power iteration, ``L_n`` over ``batch_size``-row chunks); 0 where it vanishes."""
+    ``mask`` (:func:`top_eigenvalue`, ``L_n`` over ``batch_size``-row chunks); 0 where it vanishes."""
     probe = normal_like(key, params)
     return float(_full_batch_top(loss_fn, params, data, probe, mask, batch_size))
 
@@ -102,8 +141,8 @@ def normal_like(key, tree):
 
 def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None, preconditioner=None,
                     max_chains: int | None = None, rows: int = PROBE_ROWS) -> np.ndarray:
-    """h at each chain's position: |largest Hessian eigenvalue| of ``L_B`` there (power
-    iteration on a probe batch of up to 4096 rows, the grid's own estimate) — of
+    """h at each chain's position: |largest Hessian eigenvalue| of ``L_B`` there
+    (:func:`top_eigenvalue` on a probe batch of up to 4096 rows, the grid's own estimate) — of
     ``G^½·∇²L_B·G^½`` for a kernel with a diagonal preconditioner G.
 
     :func:`slt_jax.tuning.grid.default_step_sizes` places its grid with h estimated near w*; chains that leave a
@@ -117,7 +156,7 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None, precondit
     Args:
       loss_fn, data: as in :func:`slt_jax.calibrate`.
       positions: the chains' positions, a params pytree with a leading chain axis.
-      key: PRNG key for the probe batch and the power iteration's start.
+      key: PRNG key for the probe batch and the Lanczos start.
       param_mask: as in :func:`slt_jax.estimate_llc` (curvature on the sampled coordinates).
       preconditioner: G per chain (a params pytree with a leading chain axis), or ``None``.
       max_chains: measure at most this many chains (an even spread of indices; the others are
@@ -128,7 +167,7 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None, precondit
       h per chain, ``(chains,)`` (NaN for chains not measured).
     """
     n = validation.check_data(data)
-    key_batch, key_power = jax.random.split(key)
+    key_batch, key_start = jax.random.split(key)
     batch = _probe_batch(key_batch, data, min(n, rows))
     # On the host: uncommitted like the grid's arguments, so the grid's compiled program serves
     # the chains two at a time whatever mesh they ran on.
@@ -142,7 +181,7 @@ def chain_stiffness(loss_fn, positions, data, key, *, param_mask=None, precondit
     else:
         scales = jax.tree.map(lambda g, m: np.sqrt(np.asarray(g)) * np.asarray(m), jax.device_get(preconditioner),
                               mask)
-    probe = normal_like(key_power, center)
+    probe = normal_like(key_start, center)
     chosen = np.arange(num_chains)
     if max_chains is not None and num_chains > max_chains:
         chosen = np.unique(np.linspace(0, num_chains - 1, max_chains).round().astype(int))

@@ -63,7 +63,7 @@ class FreeEnergyResult:
       llc_variance: ``β*²·Var_{β*}[n·L_n]`` (multiplicity-1 consistency check); ``None``
         unless the loss was measured full batch (minibatch noise inflates the variance).
       init_nloss: ``n·L_n(w*)``.
-      curvature: the largest Hessian eigenvalue of ``L_n`` at w* (power iteration) that
+      curvature: the largest Hessian eigenvalue of ``L_n`` at w* (Lanczos) that
         scaled the step sizes and the default ladder.
       n: number of samples.
       diverged_chains: indices of excluded chains (rung = index // chains per rung).

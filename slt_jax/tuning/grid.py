@@ -3,8 +3,8 @@
 SGLD on ``exp(−nβ·L_n(w) − γ/2·‖w − w*‖²)`` (``w' = w − ε/2·∇U + √ε·ξ``) is linearly stable for
 ε < 4/(nβ·h + γ), and at ε = 1/(nβ·h + γ) inflates the stiffest direction's variance by 4/3, h the
 largest Hessian eigenvalue of L_n along the way (docs/mathematics.md §3: large weights make the
-loss stiff; Lau et al., arXiv:2308.12108). :func:`default_step_sizes` estimates h by power
-iteration on Hessian-vector products (:mod:`slt_jax.curvature`) and places
+loss stiff; Lau et al., arXiv:2308.12108). :func:`default_step_sizes` estimates h by
+Lanczos on Hessian-vector products (:mod:`slt_jax.curvature`) and places
 :func:`slt_jax.calibrate`'s default grid.
 """
 

@@ -33,7 +33,7 @@ def stable_step_at_chains(problem, kernel, kernel_state, healthy, key, *, max_ch
     """The kernel's rule ``ε ≤ limit/(4·(nβ·h + γ·G_max))`` where the chains are.
 
     h is the largest eigenvalue of ``G^½·∇²L_B·G^½`` at each chain's position
-    (:func:`~slt_jax.curvature.chain_stiffness`: power iteration on a probe batch of up to 4096
+    (:func:`~slt_jax.curvature.chain_stiffness`: Lanczos on a probe batch of up to 4096
     rows), G the chain's own preconditioner from its state (RMSProp-SGLD's ``1/(√V + eps)``; 1
     for SGLD and SGNHT), ``limit`` the kernel's stability limit given its state (SGNHT:
     ``4 − 2ζ`` with the chain's friction ζ; :class:`~slt_jax.samplers.base.Stability`). The
@@ -44,7 +44,7 @@ def stable_step_at_chains(problem, kernel, kernel_state, healthy, key, *, max_ch
       kernel: the sampler's factory.
       kernel_state: the chains' kernel state (leading chain axis).
       healthy: which chains count, ``(chains,)``.
-      key: PRNG key of the probe batch and the power iteration.
+      key: PRNG key of the probe batch and the Lanczos start.
       max_chains: measure at most this many chains (all by default).
 
     Returns:

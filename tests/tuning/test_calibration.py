@@ -245,15 +245,16 @@ def test_auto_step_size_lands_within_ten_percent_of_aoyagi_where_a_large_step_do
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_default_grid_sits_below_the_stiffness_scale(seed):
-    # Regular model: ε_top = 1/(nβ·h + γ) with h from 30 power iterations on the constant
-    # Hessian, h = ‖H³⁰z‖/‖H²⁹z‖ ≤ h_max for a Gaussian probe z. Its spread over probes is
-    # simulated here: the grid must sit between h_max's scale and the 0.1 % quantile's.
+    # Regular model: ε_top = 1/(nβ·h + γ) with h the Lanczos estimate on the constant Hessian,
+    # ≤ h_max (a Ritz value). It must read at least as close as the 30 power iterations it
+    # replaced, h = ‖H³⁰z‖/‖H²⁹z‖ for a Gaussian probe z, in all but 0.1 % of probes (their
+    # spread simulated here): the grid sits between h_max's scale and that quantile's.
     grid = default_step_sizes(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(seed),
                               nbeta=NBETA, localization=GAMMA)
     z = np.random.default_rng(0).normal(size=(10_000, D))
     h = np.linalg.norm(z * H**30, axis=1) / np.linalg.norm(z * H**29, axis=1)
     np.testing.assert_allclose(grid / grid[-1], GRID_FACTOR ** np.arange(1.0 - GRID_POINTS, 1.0), rtol=1e-6)
-    assert 1.0 / PRECISION.max() <= grid[-1] <= 1.0 / (NBETA * np.quantile(h, 0.001) + GAMMA), grid[-1]
+    assert (1 - 1e-6) / PRECISION.max() <= grid[-1] <= 1.0 / (NBETA * np.quantile(h, 0.001) + GAMMA), grid[-1]
     # A kernel's grid may start grid factors below the rule (SGNHT: 3 points from one below).
     lower = default_step_sizes(_gaussian_loss, jnp.zeros(D), jnp.zeros((8, 1)), jax.random.key(seed),
                                nbeta=NBETA, localization=GAMMA, num_points=3, skip=1)
@@ -272,8 +273,8 @@ def test_default_grid_finds_the_scale_where_the_hessian_at_w_star_vanishes():
 
 
 def test_chain_stiffness_is_the_hessian_scale_at_each_chain():
-    # K = Σ w⁴: Hessian diag(12 w²), so h at a position is 12·max w² (eigenvalue gaps ≥ 4×,
-    # the power iteration has converged).
+    # K = Σ w⁴: Hessian diag(12 w²), so h at a position is 12·max w² (three eigenvalues: the
+    # Lanczos recursion breaks down after three steps, exact).
     def quartic(w, batch):
         return jnp.sum(w**4) + 0.0 * jnp.mean(batch)
 
