@@ -24,11 +24,9 @@ from slt_jax.runner import sharding
 
 # Rows of the probe batch on which h is measured.
 PROBE_ROWS = 4096
-# The Lanczos estimate of h stops once SETTLED_STEPS steps in a row each raised it by at most
-# LANCZOS_RTOL (relative; one calm step is not enough: on a small MLP a step that added 0.3 %
-# came 7.5 % below the converged value, before the estimate climbed again), and after at most
-# LANCZOS_STEPS Hessian-vector products, the 30 power iterations it replaced.
-LANCZOS_STEPS, LANCZOS_RTOL, SETTLED_STEPS = 30, 1e-3, 2
+# Lanczos steps (Hessian-vector products) per estimate of h: 20, against the 30 power iterations
+# they replaced, read closer (top_eigenvalue).
+LANCZOS_STEPS = 20
 # A Lanczos residual β ≤ BREAKDOWN_EPS·eps·‖Hess q‖ (the largest seen) is a breakdown: the
 # Krylov space is invariant to within what HVPs in that dtype resolve. A missed breakdown costs
 # nothing (the reorthogonalised residual starts a decoupled block, whose weight in the quadrature
@@ -45,8 +43,7 @@ def _tree_dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def top_eigenvalue(loss, position, probe, scale=None, max_steps: int = LANCZOS_STEPS,
-                   rtol: float = LANCZOS_RTOL):
+def top_eigenvalue(loss, position, probe, scale=None, num_steps: int = LANCZOS_STEPS):
     """|largest eigenvalue| of ``S·Hess loss(position)·S``, ``S = diag(scale)``.
 
     ``scale`` is a pytree like ``position``: a 0/1 mask (the Hessian on the sampled
@@ -54,15 +51,14 @@ def top_eigenvalue(loss, position, probe, scale=None, max_steps: int = LANCZOS_S
     diagonal preconditioner G sees: RMSProp-SGLD's step is ε·G per coordinate, so its
     stability is that of ``G^½ ∇²U G^½``), or ``None`` for the plain Hessian.
 
-    Lanczos from ``probe`` (the three-term recurrence, no reorthogonalisation: lost orthogonality
-    only repeats converged Ritz values, Paige 1980): the larger |extreme Ritz value| of the
-    tridiagonal matrix, which approaches the largest |eigenvalue| from below, monotonely in the
-    steps. It stops when a step raised it by at most ``rtol`` (relative), at a breakdown (the
-    Krylov space is invariant: the value is exact), or after ``max_steps`` Hessian-vector
-    products. For the same products it reads far closer than power iteration (Kuczyński &
-    Woźniakowski 1992): on the 1M-parameter MLP of ``benchmarks/step_cost.py`` (4096 rows) it
-    stopped within 0.2 % of 40 Lanczos steps, where 30 power iterations read 3 % below 100.
-    Traced; use inside jit (also under vmap: the loop then runs until every member stops).
+    ``num_steps`` Lanczos steps from ``probe`` (the three-term recurrence, no
+    reorthogonalisation: lost orthogonality only repeats converged Ritz values, Paige 1980), then
+    the larger |extreme Ritz value| of the tridiagonal matrix, which approaches the largest
+    |eigenvalue| from below. For the same Hessian-vector products it reads far closer than power
+    iteration (Kuczyński & Woźniakowski 1992): on the 1M-parameter MLP of
+    ``benchmarks/step_cost.py`` (4096 rows) 20 steps read within 0.2 % of 40, where 30 power
+    iterations read 3 % below 100. After a breakdown (the Krylov space is invariant, the value
+    exact) the remaining steps add zeros. Traced; use inside jit.
     """
     scaled = (lambda u: u) if scale is None else (lambda u: jax.tree.map(jnp.multiply, u, scale))
     product = lambda u: scaled(hvp(loss, position, scaled(u)))
@@ -71,34 +67,25 @@ def top_eigenvalue(loss, position, probe, scale=None, max_steps: int = LANCZOS_S
     tol = BREAKDOWN_EPS * float(jnp.finfo(dtype).eps)
     norm0 = jnp.sqrt(_tree_dot(start, start))
     q0 = jax.tree.map(lambda x: x / jnp.maximum(norm0, 1e-30), start)
-    zero = jnp.zeros((), dtype)
 
-    def extreme(alphas, couplings):
-        # Unfilled entries are 0: the padded matrix is T_j ⊕ 0, whose extra zeros never raise |θ|.
-        t = jnp.diag(alphas) + jnp.diag(couplings[1:], 1) + jnp.diag(couplings[1:], -1)
-        theta = jnp.linalg.eigvalsh(t)
-        return jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[-1]))
-
-    def step(carry):
-        j, q, q_prev, beta_prev, scale_hq, alphas, couplings, estimate, calm, _ = carry
+    def step(carry, _):
+        q, q_prev, beta_prev, scale_hq = carry
         hq = product(q)
         scale_hq = jnp.maximum(scale_hq, jnp.sqrt(_tree_dot(hq, hq)))
         alpha = _tree_dot(q, hq)
-        alphas, couplings = alphas.at[j].set(alpha), couplings.at[j].set(beta_prev)
         r = jax.tree.map(lambda h, a, b: h - alpha * a - beta_prev * b, hq, q, q_prev)
         beta = jnp.sqrt(_tree_dot(r, r))
-        new = extreme(alphas, couplings)
-        alive = beta > tol * scale_hq  # else: breakdown, the estimate is exact (or NaN: stop)
-        calm = jnp.where((j > 0) & (new - estimate <= rtol * new), calm + 1, 0)
+        alive = beta > tol * scale_hq  # else: breakdown (or q = 0 after one, or NaN)
+        beta = jnp.where(alive, beta, 0.0)
         q_next = jax.tree.map(lambda x: jnp.where(alive, x / jnp.where(alive, beta, 1.0), 0.0), r)
-        return j + 1, q_next, q, beta, scale_hq, alphas, couplings, new, calm, ~alive | (calm >= SETTLED_STEPS)
+        return (q_next, q, beta, scale_hq), (alpha, beta)
 
-    def going(carry):
-        return (carry[0] < max_steps) & ~carry[-1]
-
-    init = (0, q0, jax.tree.map(jnp.zeros_like, q0), zero, zero, jnp.zeros((max_steps,), dtype),
-            jnp.zeros((max_steps,), dtype), zero, 0, False)
-    return lax.while_loop(going, step, init)[7]
+    zero = jnp.zeros((), dtype)
+    alphas, betas = lax.scan(step, (q0, jax.tree.map(jnp.zeros_like, q0), zero, zero), None, length=num_steps)[1]
+    t = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    theta = lax.linalg.eigh(t, symmetrize_input=False)[1]  # ascending; lax's traces in half jnp's time
+    top = jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[-1]))
+    return jnp.where(jnp.all(jnp.isfinite(alphas)), top, jnp.nan)
 
 
 @partial(jax.jit, static_argnames=("loss_fn",))

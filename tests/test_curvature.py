@@ -37,9 +37,9 @@ def _power_iteration(matrix, probe, steps):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_top_eigenvalue_reads_the_largest_absolute_eigenvalue_from_below(seed):
     # A hard indefinite 200×200 spectrum: uniform on [−1, 1] up to an outlier 2 % beyond it,
-    # negative on odd seeds. Lanczos reads below the exact value (a Ritz value) and at least as
-    # high as the 30 power iterations it replaced from the same probe (0.984–1.000 here), within
-    # 5 % of the exact value: the stopping rule may end on a plateau, but not below power iteration.
+    # negative on odd seeds. Lanczos reads below the exact value (a Ritz value), at least as high
+    # as the 30 power iterations it replaced from the same probe (0.984–1.000 here) and within
+    # 5 % of the exact value.
     rng = np.random.default_rng(seed)
     q = np.linalg.qr(rng.normal(size=(200, 200)))[0]
     spectrum = np.concatenate([rng.uniform(-1.0, 1.0, 198), [1.02 * (-1) ** seed, 0.5]])
@@ -50,25 +50,14 @@ def test_top_eigenvalue_reads_the_largest_absolute_eigenvalue_from_below(seed):
     assert max(power, 1.02 * 0.95) <= h * (1 + 1e-5) and h <= 1.02 * (1 + 1e-5), (h, power)
 
 
-def test_top_eigenvalue_stops_early_and_never_beyond_its_budget():
-    # Three distinct eigenvalues: the Krylov space is invariant after three products (breakdown,
-    # exact); a dense 400-dimensional spectrum settles before the 30-product budget; with
-    # rtol=0 the budget is spent in full.
+def test_top_eigenvalue_is_exact_after_a_breakdown_and_spends_its_budget_of_products():
+    # Three distinct eigenvalues: the Krylov space is invariant after three products (a
+    # breakdown; the rest add zeros), so the value is exact; every call spends LANCZOS_STEPS
+    # Hessian-vector products, 20 against the 30 power iterations they replaced.
     matrix = np.diag(np.repeat([3.0, 1.0, 0.5], 10))
     loss, calls = _counted(matrix)
-    h = jax.jit(lambda z: curvature.top_eigenvalue(loss, jnp.zeros(30), z))(jnp.ones(30))
-    jax.block_until_ready(h)
-    assert float(h) == pytest.approx(3.0, rel=1e-5) and len(calls) == 3
-
-    spectrum = np.linspace(0.0, 1.0, 400) ** 3
-    loss, calls = _counted(np.diag(spectrum))
-    probe = jax.random.normal(jax.random.key(0), (400,))
-    h = jax.block_until_ready(jax.jit(lambda z: curvature.top_eigenvalue(loss, jnp.zeros(400), z))(probe))
-    assert float(h) == pytest.approx(1.0, rel=1e-2) and 3 < len(calls) < curvature.LANCZOS_STEPS
-
-    loss, calls = _counted(np.diag(spectrum))
-    jax.block_until_ready(jax.jit(lambda z: curvature.top_eigenvalue(loss, jnp.zeros(400), z, rtol=0.0))(probe))
-    assert len(calls) == curvature.LANCZOS_STEPS
+    h = jax.block_until_ready(jax.jit(lambda z: curvature.top_eigenvalue(loss, jnp.zeros(30), z))(jnp.ones(30)))
+    assert float(h) == pytest.approx(3.0, rel=1e-5) and len(calls) == curvature.LANCZOS_STEPS == 20
 
 
 def test_top_eigenvalue_of_a_vanishing_or_undefined_hessian():
