@@ -33,8 +33,8 @@ from slt_jax.runner.chains import run_chains, sampled_of, setup
 from slt_jax.tuning.stiffness import stable_step_at_chains
 
 # Chains whose curvature the check measures (an even spread of indices): its cost is then
-# bounded whatever the chain count — at most 30 Hessian-vector products per chain on ≤ 4096 rows
-# (Lanczos, :func:`slt_jax.curvature.top_eigenvalue`; 14–18 on a 1M-parameter MLP).
+# bounded whatever the chain count — 20 Hessian-vector products per chain on ≤ 4096 rows (Lanczos,
+# :func:`slt_jax.curvature.top_eigenvalue`).
 MAX_CHECKED_CHAINS = 8
 # A trend counts when it is material (this fraction of λ̂) and significant (this many standard
 # errors of the chain-paired difference, as a t quantile: _significance): the sweep's check_z and rtol.
