@@ -3,10 +3,10 @@
 Every step-size rule in slt-jax rests on the Hessian of L: SGLD on the localized posterior is
 linearly stable for ε < 4/(nβ·h + γ), h its largest eigenvalue (docs/mathematics.md §3), and the
 Laplace value ½·Σ nβh_i/(nβh_i + γ) is a function of its whole spectrum (§5). This module holds
-the one HVP (forward-over-reverse), the one estimate of the largest eigenvalue (Lanczos: the calibration
-grid at w*, the stiffness checks at the chains' positions, the free-energy ladder's step rule)
-and the reorthogonalised Lanczos recursion behind :func:`slt_jax.laplace_llc`'s stochastic
-quadrature.
+the one HVP (forward-over-reverse), the one estimate of the largest eigenvalue (Lanczos: the
+calibration grid at w*, the stiffness checks at the chains' positions, the free-energy ladder's
+step rule) and the reorthogonalised Lanczos recursion behind :func:`slt_jax.laplace_llc`'s
+stochastic quadrature.
 """
 
 import collections
