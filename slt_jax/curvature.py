@@ -58,7 +58,9 @@ def top_eigenvalue(loss, position, probe, scale=None, num_steps: int = LANCZOS_S
     iteration (Kuczyński & Woźniakowski 1992): on the 1M-parameter MLP of
     ``benchmarks/step_cost.py`` (4096 rows) 20 steps read within 0.2 % of 40, where 30 power
     iterations read 3 % below 100. After a breakdown (the Krylov space is invariant, the value
-    exact) the remaining steps add zeros. Traced; use inside jit.
+    exact) the remaining steps add zeros. Traced; use inside jit. (The quadrature's recursion,
+    :func:`lanczos_program`, keeps every basis vector to reorthogonalise: 20 copies of the
+    parameters per chain, which the check at up to 8 chains of a large model cannot afford.)
     """
     scaled = (lambda u: u) if scale is None else (lambda u: jax.tree.map(jnp.multiply, u, scale))
     product = lambda u: scaled(hvp(loss, position, scaled(u)))

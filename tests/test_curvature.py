@@ -61,7 +61,8 @@ def test_top_eigenvalue_is_exact_after_a_breakdown_and_spends_its_budget_of_prod
 
 
 def test_top_eigenvalue_of_a_vanishing_or_undefined_hessian():
-    # A zero Hessian reads 0 after one product; a NaN one reads NaN (the grid then raises).
+    # A zero Hessian reads 0 (a breakdown at the first product); a NaN one reads NaN (the grid
+    # then raises).
     zero = curvature.top_eigenvalue(lambda w: 0.0 * jnp.sum(w), jnp.zeros(5), jnp.ones(5))
     undefined = curvature.top_eigenvalue(lambda w: jnp.nan * jnp.sum(w**2), jnp.zeros(5), jnp.ones(5))
     assert float(zero) == 0.0 and np.isnan(float(undefined))
